@@ -1,0 +1,26 @@
+"""User-facing errors: raised for bad input before expensive work; the CLI prints them as one line."""
+from __future__ import annotations
+
+
+class QDiffError(Exception):
+    """Base class of errors caused by the user's input (config, files), not by a bug."""
+
+
+class ConfigError(QDiffError, ValueError):
+    """A config value is out of range, unknown or inconsistent with another."""
+
+
+class CheckpointError(QDiffError, RuntimeError):
+    """A checkpoint file is missing, unreadable, corrupt or does not fit the model."""
+
+
+def config_from_dict(cls: type, data: dict | None, group: str):
+    """Build dataclass ``cls`` from a config mapping; unknown keys give one clear error."""
+    import dataclasses
+
+    data = dict(data or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{group}: unknown option(s) {unknown}; known: {sorted(names)}")
+    return cls(**data)

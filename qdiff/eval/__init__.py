@@ -1,0 +1,1 @@
+"""Evaluation: FID/IS via torch-fidelity, feature extractors, figures."""

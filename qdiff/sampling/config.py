@@ -1,0 +1,30 @@
+"""Typed sampler settings (the ``sampler/`` config group)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qdiff.errors import ConfigError
+
+SAMPLERS = ("ddim", "ddpm", "plms", "dpm_solver")
+
+
+@dataclass
+class SamplerConfig:
+    #: ddim | ddpm | plms | dpm_solver (all diffusers schedulers on the model's training noise schedule).
+    name: str = "ddim"
+    #: Number of denoising steps.
+    steps: int = 100
+    #: DDIM stochasticity (0 = deterministic DDIM, 1 = DDPM-like); ignored by other samplers.
+    eta: float = 0.0
+    #: Images denoised together; memory, not results, depends on it.
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.name not in SAMPLERS:
+            raise ConfigError(f"unknown sampler '{self.name}'; known: {', '.join(SAMPLERS)}")
+        if self.steps <= 0:
+            raise ConfigError(f"sampler.steps must be > 0, got {self.steps}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"sampler.batch_size must be > 0, got {self.batch_size}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ConfigError(f"sampler.eta must be in [0, 1], got {self.eta}")

@@ -1,0 +1,14 @@
+"""qdiff entry point: ``python run.py model=digits quant=w4a8`` (see README and conf/)."""
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from qdiff.cli import main as run_job
+
+    return run_job(cfg)
+
+
+if __name__ == "__main__":
+    main()

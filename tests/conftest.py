@@ -1,0 +1,63 @@
+"""Shared fixtures: configs composed the way run.py composes them, shrunk to tiny CPU settings in tmp_path."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# A run small enough for a test: 32 samples, 10 DDIM steps, a few reconstruction iterations.
+TINY = [
+    "logger=none", "eval.n_samples=32", "eval.isc_splits=2", "eval.analysis_batch=8", "sampler.steps=10",
+    "calib.n=4", "calib.c=2", "recon.weight_iters=4", "recon.act_iters=2", "recon.batch_size=4",
+]
+
+
+@pytest.fixture(autouse=True)
+def _cpu_threads():
+    """Two threads at most, restored afterwards (tests share the CI machine's 2 cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(min(n, 2))
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def compose_cfg(tmp_path):
+    """compose_cfg(*overrides) -> DictConfig with outputs and caches under tmp_path."""
+    from hydra import compose, initialize_config_dir
+
+    def _compose(*overrides: str, out: str = "run"):
+        paths = [f"paths.root_dir={tmp_path}", f"paths.log_dir={tmp_path}", f"paths.output_dir={tmp_path / out}",
+                 f"paths.cache_dir={tmp_path / 'cache'}"]
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose(config_name="config", overrides=[*paths, *overrides])
+
+    return _compose
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python run.py <args>`` in a subprocess (the real CLI, Hydra and all)."""
+    e = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=e)
+
+
+@pytest.fixture(scope="session")
+def digits_real():
+    from qdiff.models.digits import load_digits_images
+
+    return load_digits_images()
+
+
+@pytest.fixture(scope="session")
+def digits_model():
+    from qdiff.models import ModelConfig, load_model
+
+    return load_model(ModelConfig(name="digits"))
