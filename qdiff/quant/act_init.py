@@ -1,0 +1,74 @@
+"""Explicit initialisation of activation quantizers from calibration data.
+
+One pass over a seeded subset of the calibration set with all activation quantizers switched off;
+forward pre-hooks on each quantizer record the running min/max and a bounded random subsample of the
+values it sees. Ranges are then set by min-max or by the Lp grid search on the subsample (spanning the
+true min/max), so memory stays bounded however large the model or the set.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qdiff.quant.wrap import act_quantizers, set_act_quant
+
+ForwardFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
+class _Stats:
+    def __init__(self, per_batch: int, gen: torch.Generator) -> None:
+        self.min: torch.Tensor | None = None
+        self.max: torch.Tensor | None = None
+        self.samples: list[torch.Tensor] = []
+        self.per_batch = per_batch
+        self.gen = gen
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        mn, mx = x.amin(), x.amax()
+        self.min = mn if self.min is None else torch.minimum(self.min, mn)
+        self.max = mx if self.max is None else torch.maximum(self.max, mx)
+        flat = x.flatten()
+        k = min(self.per_batch, flat.numel())
+        idx = torch.randint(0, flat.numel(), (k,), generator=self.gen).to(flat.device)
+        self.samples.append(flat[idx].cpu())
+
+
+@torch.no_grad()
+def init_act_quantizers(model: nn.Module, forward: ForwardFn, calib, method: str, p: float = 2.4,
+                        num_samples: int = 256, batch_size: int = 32, seed: int = 0, max_values: int = 65536,
+                        device: torch.device | str = "cpu", progress: bool = True) -> dict[str, tuple[float, float]]:
+    """Set every activation quantizer's range from ``num_samples`` calibration inputs; returns the ranges."""
+    qs = act_quantizers(model)
+    if not qs:
+        return {}
+    rng = np.random.default_rng(seed)
+    n = min(num_samples, len(calib))
+    idx = np.sort(rng.choice(len(calib), size=n, replace=False))
+    n_batches = (n + batch_size - 1) // batch_size
+    gen = torch.Generator().manual_seed(seed)
+    stats = {name: _Stats(max(1, max_values // n_batches), gen) for name, _ in qs}
+    hooks = [q.register_forward_pre_hook(lambda _m, inp, s=stats[name]: s.update(inp[0])) for name, q in qs]
+    set_act_quant(model, False)
+    try:
+        for x, t, cond in tqdm(calib.batches(batch_size, idx, device), total=n_batches, desc="activation ranges",
+                               disable=not progress, leave=False):
+            forward(model, x, t, cond)
+    finally:
+        for h in hooks:
+            h.remove()
+        set_act_quant(model, True)
+    ranges = {}
+    for name, q in qs:
+        s = stats[name]
+        if s.min is None:  # never executed (e.g. an unused branch): keep it off rather than guess
+            q.enabled = False
+            continue
+        sample = torch.cat(s.samples).to(q.scale.device)
+        q.init_from(sample, method, p, x_min=s.min.to(sample.device), x_max=s.max.to(sample.device))
+        ranges[name] = (float(s.min), float(s.max))
+    return ranges

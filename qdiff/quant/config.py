@@ -1,0 +1,107 @@
+"""Typed quantization settings (the ``quant/`` config group)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qdiff.errors import ConfigError, config_from_dict
+
+METHODS = ("fp", "linear", "qdiff")
+OFF_BITS = (16, 32)
+SCALE_METHODS = ("minmax", "mse")
+
+
+def check_bits(value: int | None, name: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or not (2 <= value <= 8 or value in OFF_BITS):
+        raise ConfigError(f"{name} must be an integer in 2..8, or 16/32 for 'not quantized'; got {value!r}")
+
+
+@dataclass
+class LayerOverride:
+    """Per-layer exception, matched by regex (``re.search``) on the module's qualified name."""
+
+    pattern: str
+    weight_bits: int | None = None
+    act_bits: int | None = None
+    #: False keeps this layer's input activations in full precision.
+    act_quant: bool | None = None
+    #: False keeps this layer's weights in full precision.
+    weight_quant: bool | None = None
+
+    def __post_init__(self) -> None:
+        import re
+
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ConfigError(f"quant.overrides: bad pattern {self.pattern!r}: {e}") from None
+        check_bits(self.weight_bits, "quant.overrides.weight_bits", allow_none=True)
+        check_bits(self.act_bits, "quant.overrides.act_bits", allow_none=True)
+
+
+@dataclass
+class QuantConfig:
+    #: fp (no quantization) | linear (channel-wise round-to-nearest baseline) | qdiff (the paper's method).
+    method: str = "qdiff"
+    #: Weight bits: 2..8, or 16/32 = weights stay FP.
+    weight_bits: int = 4
+    #: Activation bits (inputs of every Conv/Linear): 2..8, or 16/32 = activations stay FP.
+    act_bits: int = 8
+    #: Symmetric weight ranges (asymmetric by default, as in the paper's code).
+    weight_symmetric: bool = False
+    #: Symmetric activation ranges.
+    act_symmetric: bool = False
+    #: How ranges are initialised: minmax | mse (Lp-error grid search); None = minmax for linear, mse for qdiff.
+    scale_method: str | None = None
+    #: p of the Lp error used by the mse grid search.
+    lp: float = 2.4
+    #: Quantize attention matmul inputs (q, k, softmax, v) at these bits; None keeps them FP as in the paper.
+    attn_bits: int | None = None
+    #: Shortcut splitting: quantize the up-path and skip halves of concatenated inputs separately.
+    split: bool = True
+    #: Bits of the first and last layer (weights and input activations); None = same as every other layer.
+    first_last_bits: int | None = None
+    #: Per-layer exceptions by name pattern (e.g. the paper's DDIM CIFAR-10 residual convs at 8 bit, act FP).
+    overrides: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown quant.method '{self.method}'; known: {', '.join(METHODS)}")
+        check_bits(self.weight_bits, "quant.weight_bits")
+        check_bits(self.act_bits, "quant.act_bits")
+        check_bits(self.attn_bits, "quant.attn_bits", allow_none=True)
+        check_bits(self.first_last_bits, "quant.first_last_bits", allow_none=True)
+        if self.scale_method is not None and self.scale_method not in SCALE_METHODS:
+            raise ConfigError(f"quant.scale_method must be one of {SCALE_METHODS} or null, got '{self.scale_method}'")
+        if not self.lp > 0:
+            raise ConfigError(f"quant.lp must be > 0, got {self.lp}")
+        if self.method != "fp" and self.weight_bits in OFF_BITS and self.act_bits in OFF_BITS and self.attn_bits is None:
+            self.method = "fp"  # nothing to quantize: a W32A32 grid point is the FP baseline
+        self.overrides = [
+            o if isinstance(o, LayerOverride) else config_from_dict(LayerOverride, o, "quant.overrides")
+            for o in self.overrides
+        ]
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "fp" and (self.quantizes_weights or self.quantizes_acts)
+
+    @property
+    def quantizes_weights(self) -> bool:
+        return self.method != "fp" and self.weight_bits not in OFF_BITS
+
+    @property
+    def quantizes_acts(self) -> bool:
+        return self.method != "fp" and (self.act_bits not in OFF_BITS or self.attn_bits is not None)
+
+    @property
+    def resolved_scale_method(self) -> str:
+        return self.scale_method or ("minmax" if self.method == "linear" else "mse")
+
+    @property
+    def label(self) -> str:
+        """Paper-style bit label, e.g. W4A8 (FP: W32A32)."""
+        if self.method == "fp":
+            return "W32A32"
+        return f"W{self.weight_bits}A{self.act_bits}"

@@ -1,0 +1,161 @@
+"""Quantized Conv1d/Conv2d/ConvTranspose2d/Linear: weight quantizer(s) + input-activation quantizer(s).
+
+With shortcut splitting (``split > 0``) the input channels [0, split) and [split, C) — the up-path
+feature and the skip feature of a UNet concatenation — get separate activation and weight quantizers.
+The fake-quantized weight is cached and recomputed only when a quantizer changes, so sampling with a
+quantized model costs about as much as FP sampling.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qdiff.quant.adaround import AdaRoundQuantizer
+from qdiff.quant.quantizer import UniformQuantizer
+
+#: Module classes that have a quantized wrapper: class -> functional forward(x, w, b, **kw).
+LAYER_REGISTRY: dict[type, Callable] = {}
+
+
+def register_layer(cls: type, fn: Callable) -> None:
+    """Quantize modules of class ``cls`` with :class:`QuantLayer`, computing outputs with ``fn``."""
+    LAYER_REGISTRY[cls] = fn
+
+
+register_layer(nn.Linear, F.linear)
+register_layer(nn.Conv1d, F.conv1d)
+register_layer(nn.Conv2d, F.conv2d)
+register_layer(nn.ConvTranspose2d, F.conv_transpose2d)
+
+
+def _fwd_kwargs(m: nn.Module) -> dict:
+    if isinstance(m, nn.Linear):
+        return {}
+    if getattr(m, "padding_mode", "zeros") != "zeros":
+        raise NotImplementedError(f"{type(m).__name__} with padding_mode={m.padding_mode} is not supported")
+    kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
+    if isinstance(m, nn.ConvTranspose2d):
+        kw["output_padding"] = m.output_padding
+    return kw
+
+
+class QuantLayer(nn.Module):
+    """Drop-in replacement of a registered layer. Settings are per layer, resolved by the wrapper."""
+
+    def __init__(self, org: nn.Module, weight_bits: int, act_bits: int, weight_symmetric: bool = False,
+                 act_symmetric: bool = False, split: int = 0) -> None:
+        super().__init__()
+        self.org_type = type(org).__name__
+        self.fn = LAYER_REGISTRY[type(org)]
+        self.fwd_kwargs = _fwd_kwargs(org)
+        self.weight = nn.Parameter(org.weight.detach().clone(), requires_grad=False)
+        self.bias = None if org.bias is None else nn.Parameter(org.bias.detach().clone(), requires_grad=False)
+        transposed = isinstance(org, nn.ConvTranspose2d)
+        # Channel-wise along output channels; split along input channels.
+        self.out_axis, self.in_axis = (1, 0) if transposed else (0, 1)
+        in_ch = self.weight.shape[self.in_axis] * (1 if transposed else self.fwd_kwargs.get("groups", 1))
+        if split and not (0 < split < in_ch) or split and self.fwd_kwargs.get("groups", 1) != 1:
+            raise ValueError(f"bad split {split} for {self.org_type} with {in_ch} input channels")
+        self.split = int(split)
+        n = 2 if self.split else 1
+        self.wq = nn.ModuleList(UniformQuantizer(weight_bits, weight_symmetric, self.out_axis) for _ in range(n))
+        self.aq = nn.ModuleList(UniformQuantizer(act_bits, act_symmetric, None, learnable_scale=True) for _ in range(n))
+        self.weight_bits, self.act_bits = weight_bits, act_bits
+        #: Recompute the fake-quantized weight on every forward (set while its rounding is being learned).
+        self.cache_weights = True
+        self._cache: tuple | None = None
+
+    def extra_repr(self) -> str:
+        return f"{self.org_type}, W{self.weight_bits}A{self.act_bits}, split={self.split}"
+
+    # --- weights --------------------------------------------------------------------------------
+    def weight_parts(self) -> list[torch.Tensor]:
+        if not self.split:
+            return [self.weight]
+        w = self.weight
+        return [w.narrow(self.in_axis, 0, self.split), w.narrow(self.in_axis, self.split, w.shape[self.in_axis] - self.split)]
+
+    @property
+    def quantizes_weight(self) -> bool:
+        return any(getattr(q, "active", True) for q in self.wq)
+
+    def _compute_weight(self) -> torch.Tensor:
+        parts = [q(w) for q, w in zip(self.wq, self.weight_parts())]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.in_axis)
+
+    def _cache_key(self) -> tuple:
+        return (tuple(getattr(q, "version", -1) for q in self.wq), tuple(bool(getattr(q, "active", True)) for q in self.wq),
+                self.weight.device, self.weight.dtype, self.weight._version)
+
+    def quantized_weight(self) -> torch.Tensor:
+        if not self.quantizes_weight:
+            return self.weight
+        if not self.cache_weights or any(isinstance(q, AdaRoundQuantizer) for q in self.wq):
+            return self._compute_weight()
+        key = self._cache_key()
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self._compute_weight())
+        return self._cache[1]
+
+    def invalidate_cache(self) -> None:
+        self._cache = None
+
+    # --- activations ----------------------------------------------------------------------------
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.split:
+            return self.aq[0](x)
+        return torch.cat([self.aq[0](x[:, : self.split]), self.aq[1](x[:, self.split :])], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.quantize_input(x), self.quantized_weight(), self.bias, **self.fwd_kwargs)
+
+    # --- AdaRound -------------------------------------------------------------------------------
+    def start_adaround(self) -> list[AdaRoundQuantizer]:
+        """Swap the (initialised) uniform weight quantizers for AdaRound ones; returns them."""
+        new = []
+        for i, w in enumerate(self.weight_parts()):
+            q = self.wq[i]
+            if isinstance(q, UniformQuantizer) and q.active:
+                q = AdaRoundQuantizer(q, w)
+                self.wq[i] = q
+            if isinstance(q, AdaRoundQuantizer):
+                new.append(q)
+        self._cache = None
+        return new
+
+    @torch.no_grad()
+    def finish_adaround(self) -> None:
+        """Harden the learned rounding and fold it into the weight; back to uniform quantizers."""
+        if not any(isinstance(q, AdaRoundQuantizer) for q in self.wq):
+            return
+        for q in self.wq:
+            if isinstance(q, AdaRoundQuantizer):
+                q.soft = False
+        self.weight.data = self._compute_weight().detach()
+        for i, q in enumerate(self.wq):
+            if isinstance(q, AdaRoundQuantizer):
+                self.wq[i] = q.to_uniform()
+        self._cache = None
+
+    # --- deployment ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def weight_codes(self) -> torch.Tensor:
+        """Integer weight codes (uint8 storage) of the quantized weight."""
+        parts = [q.integer(w) if q.active else torch.zeros_like(w) for q, w in zip(self.wq, self.weight_parts())]
+        codes = parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.in_axis)
+        return codes.to(torch.uint8)
+
+    @torch.no_grad()
+    def set_weight_from_codes(self, codes: torch.Tensor) -> None:
+        """Dequantize stored codes into ``weight`` (quantizer scales must already be loaded)."""
+        self.weight.data = torch.zeros_like(self.weight)
+        parts = self.weight_parts()
+        code_parts = [codes] if not self.split else [codes.narrow(self.in_axis, 0, self.split),
+                                                     codes.narrow(self.in_axis, self.split, codes.shape[self.in_axis] - self.split)]
+        for q, w, c in zip(self.wq, parts, code_parts):
+            w.copy_((c.to(w.dtype) - q.zero_point) * q.scale)
+        self._cache = None

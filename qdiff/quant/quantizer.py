@@ -1,0 +1,174 @@
+"""Uniform affine fake quantizer (paper Eq. 7) with explicit, testable initialisation.
+
+    x_hat = s * (clip(round(x / s) + z, 0, 2^b - 1) - z)
+
+Scales are per output channel (``channel_axis=0``, weights) or per tensor (``channel_axis=None``,
+activations). Rounding uses a straight-through estimator, so gradients reach the input and, when the
+scale is learnable (LSQ, Esser et al. 2020), the step size.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+N_GRID = 100          # candidate clipping ratios of the Lp grid search
+MIN_RATIO = 0.2       # smallest ratio tried: ranges shrink to at most 20% of min/max
+EPS = 1e-8
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest; gradient passes straight through."""
+    return (x.round() - x).detach() + x
+
+
+class NotInitializedError(RuntimeError):
+    """A quantizer was used before its explicit initialisation step."""
+
+
+def _reduce_dims(x: torch.Tensor, channel_axis: int | None) -> list[int] | None:
+    return None if channel_axis is None else [d for d in range(x.dim()) if d != channel_axis]
+
+
+def _stat_shape(x: torch.Tensor, channel_axis: int | None) -> tuple[int, ...]:
+    if channel_axis is None:
+        return ()
+    shape = [1] * x.dim()
+    shape[channel_axis] = x.shape[channel_axis]
+    return tuple(shape)
+
+
+def scale_zero_point(x_min: torch.Tensor, x_max: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step size and integer zero point covering [x_min, x_max] (zero always representable)."""
+    x_min = torch.minimum(x_min, torch.zeros_like(x_min))
+    x_max = torch.maximum(x_max, torch.zeros_like(x_max))
+    if symmetric:
+        a = torch.maximum(x_min.abs(), x_max)
+        x_min, x_max = -a, a
+    levels = 2 ** bits - 1
+    scale = ((x_max - x_min) / levels).clamp_min(EPS)
+    zero_point = (-x_min / scale).round().clamp(0, levels)
+    return scale, zero_point
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    levels = 2 ** bits - 1
+    q = torch.clamp(round_ste(x / scale) + zero_point, 0, levels)
+    return (q - zero_point) * scale
+
+
+@torch.no_grad()
+def search_range(x: torch.Tensor, bits: int, symmetric: bool, channel_axis: int | None, method: str, p: float = 2.4,
+                 x_min: torch.Tensor | None = None, x_max: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) by min-max or by the clipping ratio minimising the Lp error, per channel.
+
+    ``x_min``/``x_max`` may be given when ``x`` is only a subsample of the data (activations): the grid
+    then spans the true range while the error is measured on the subsample.
+    """
+    dims = _reduce_dims(x, channel_axis)
+    shape = _stat_shape(x, channel_axis)
+    if x_min is None:
+        x_min = x.amin() if dims is None else x.amin(dim=dims, keepdim=True)
+        x_max = x.amax() if dims is None else x.amax(dim=dims, keepdim=True)
+    x_min, x_max = x_min.reshape(shape).float(), x_max.reshape(shape).float()
+    x = x.float()
+    if method == "minmax":
+        return scale_zero_point(x_min, x_max, bits, symmetric)
+    if method != "mse":
+        raise ValueError(f"unknown scale method '{method}'")
+    # Evaluate the candidate ratios in chunks, all at once per chunk: [R, *x.shape] (bounded memory).
+    ratios = torch.linspace(1.0, MIN_RATIO, N_GRID, device=x.device)
+    chunk = max(1, min(N_GRID, (1 << 24) // max(1, x.numel())))
+    best_err = torch.full(shape, float("inf"), device=x.device)
+    best_s, best_z = scale_zero_point(x_min, x_max, bits, symmetric)
+    rdims = None if dims is None else [d + 1 for d in dims]
+    for start in range(0, N_GRID, chunk):
+        r = ratios[start:start + chunk].view(-1, *([1] * x.dim()))
+        s, z = scale_zero_point(x_min * r, x_max * r, bits, symmetric)          # [R, *shape]
+        xq = fake_quant(x.unsqueeze(0), s, z, bits)
+        err = (x.unsqueeze(0) - xq).abs().pow(p)
+        err = err.flatten(1).mean(1).view(-1, *([1] * x.dim())) if rdims is None else err.mean(dim=rdims, keepdim=True)
+        err = err.reshape(-1, *shape) if shape else err.reshape(-1)
+        s, z = s.reshape(err.shape), z.reshape(err.shape)
+        i = err.argmin(0, keepdim=True)
+        e_best = err.gather(0, i).squeeze(0)
+        better = e_best < best_err
+        best_err = torch.where(better, e_best, best_err)
+        best_s = torch.where(better, s.gather(0, i).squeeze(0), best_s)
+        best_z = torch.where(better, z.gather(0, i).squeeze(0), best_z)
+    return best_s, best_z
+
+
+class UniformQuantizer(nn.Module):
+    """Fake quantizer with explicit init (:meth:`init_from`), optional learnable step size (LSQ).
+
+    Bits 16/32 mean "off": the quantizer is the identity. Using an initialised-required quantizer before
+    :meth:`init_from` (or loading a state) raises :class:`NotInitializedError`.
+    """
+
+    def __init__(self, bits: int, symmetric: bool = False, channel_axis: int | None = None,
+                 learnable_scale: bool = False) -> None:
+        super().__init__()
+        self.bits = bits
+        self.symmetric = symmetric
+        self.channel_axis = channel_axis
+        #: Runtime switch; quantizers with 16/32 bits are never active.
+        self.enabled = bits < 16
+        #: Bumped whenever the quantization function changes (layers key their weight caches on it).
+        self.version = 0
+        self._ready = False
+        self.scale = nn.Parameter(torch.ones(()), requires_grad=learnable_scale)
+        self.register_buffer("zero_point", torch.zeros(()))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def extra_repr(self) -> str:
+        axis = "per-tensor" if self.channel_axis is None else f"channel_axis={self.channel_axis}"
+        return f"bits={self.bits}, symmetric={self.symmetric}, {axis}, enabled={self.enabled}"
+
+    @property
+    def levels(self) -> int:
+        return 2 ** self.bits - 1
+
+    @torch.no_grad()
+    def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self.scale.data = scale.detach().clone().to(self.scale.device)
+        self.zero_point = zero_point.detach().clone().to(self.scale.device)
+        self.initialized.fill_(True)
+        self._ready = True
+        self.version += 1
+
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor, method: str = "minmax", p: float = 2.4,
+                  x_min: torch.Tensor | None = None, x_max: torch.Tensor | None = None) -> "UniformQuantizer":
+        """Set the step size and zero point from data ``x`` (weights, or sampled activations)."""
+        if self.bits < 16:
+            s, z = search_range(x, self.bits, self.symmetric, self.channel_axis, method, p, x_min, x_max)
+            self.set_params(s, z)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Scale and zero point change shape at init (per channel); adopt the stored shapes.
+        for name in ("scale", "zero_point"):
+            key = prefix + name
+            if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
+                if name == "scale":
+                    self.scale.data = torch.empty_like(state_dict[key])
+                else:
+                    self.zero_point = torch.empty_like(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ready = bool(self.initialized)
+        self.version += 1
+
+    def integer(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes in [0, 2^b - 1] (what a deployed kernel stores)."""
+        return torch.clamp(torch.round(x / self.scale) + self.zero_point, 0, self.levels)
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.bits < 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return x
+        if not self._ready:
+            raise NotInitializedError("quantizer used before initialisation (call init_from or load a quantized state)")
+        return fake_quant(x, self.scale, self.zero_point, self.bits)

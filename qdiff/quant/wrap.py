@@ -1,0 +1,114 @@
+"""Wrap a noise predictor's layers with quantized versions and initialise the quantizers explicitly.
+
+Works on any ``nn.Module`` whose layers are in :data:`qdiff.quant.layers.LAYER_REGISTRY`; settings per
+layer come from :class:`QuantConfig` (bits, first/last policy, overrides by name pattern). The
+original model is never modified: ``wrap_model`` returns a copy.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from qdiff.quant.config import OFF_BITS, QuantConfig
+from qdiff.quant.layers import LAYER_REGISTRY, QuantLayer
+from qdiff.quant.quantizer import UniformQuantizer
+
+
+@dataclass
+class LayerSpec:
+    """Resolved settings of one quantized layer (also saved with a quantized model)."""
+
+    name: str
+    type: str
+    weight_shape: list
+    weight_bits: int
+    act_bits: int
+    split: int = 0
+
+
+def resolve_layer_specs(model: nn.Module, cfg: QuantConfig, splits: dict[str, int], order: list[str] | None) -> list[LayerSpec]:
+    """Per-layer bits after the first/last policy and the overrides (later overrides win)."""
+    layers = [(n, m) for n, m in model.named_modules() if type(m) in LAYER_REGISTRY]
+    if order:
+        rank = {n: i for i, n in enumerate(order)}
+        executed = sorted((n for n, _ in layers if n in rank), key=rank.get)
+    else:
+        executed = [n for n, _ in layers]
+    first_last = {executed[0], executed[-1]} if executed else set()
+    specs = []
+    for name, m in layers:
+        wb = cfg.weight_bits if cfg.quantizes_weights else 32
+        ab = cfg.act_bits if (cfg.method != "fp" and cfg.act_bits not in OFF_BITS) else 32
+        if cfg.first_last_bits is not None and name in first_last:
+            wb = cfg.first_last_bits if wb not in OFF_BITS else wb
+            ab = cfg.first_last_bits if ab not in OFF_BITS else ab
+        for o in cfg.overrides:
+            if re.search(o.pattern, name):
+                wb = o.weight_bits if o.weight_bits is not None else wb
+                ab = o.act_bits if o.act_bits is not None else ab
+                if o.act_quant is False:
+                    ab = 32
+                if o.weight_quant is False:
+                    wb = 32
+        split = splits.get(name, 0) if cfg.split else 0
+        specs.append(LayerSpec(name, type(m).__name__, list(m.weight.shape), wb, ab, split))
+    return specs
+
+
+def wrap_model(model: nn.Module, cfg: QuantConfig, specs: list[LayerSpec]) -> nn.Module:
+    """A copy of ``model`` with every layer in ``specs`` replaced by a :class:`QuantLayer`."""
+    q = copy.deepcopy(model)
+    by_name = dict(q.named_modules())
+    for s in specs:
+        org = by_name.get(s.name)
+        if org is None or type(org).__name__ != s.type or list(org.weight.shape) != list(s.weight_shape):
+            found = "missing" if org is None else f"{type(org).__name__}{tuple(org.weight.shape)}"
+            raise ValueError(f"layer '{s.name}' does not match the model (expected {s.type}{tuple(s.weight_shape)}, found {found})")
+        layer = QuantLayer(org, s.weight_bits, s.act_bits, cfg.weight_symmetric, cfg.act_symmetric, s.split)
+        q.set_submodule(s.name, layer.to(org.weight.device))
+    if cfg.attn_bits is not None and cfg.method != "fp":
+        from qdiff.quant.attention import install_attention_quant
+
+        install_attention_quant(q, cfg.attn_bits, cfg.act_symmetric)
+    set_act_quant(q, False)  # activation quantizers stay off until their explicit init turns them on
+    q.eval().requires_grad_(False)
+    return q
+
+
+def quant_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
+
+
+def act_quantizers(model: nn.Module) -> list[tuple[str, UniformQuantizer]]:
+    """Every activation quantizer (layer inputs and attention matmuls) that will quantize."""
+    out = []
+    for n, m in model.named_modules():
+        if isinstance(m, QuantLayer):
+            out += [(f"{n}.aq.{i}", q) for i, q in enumerate(m.aq) if q.bits < 16]
+        elif type(m).__name__ == "AttnMatmulQuantizers":
+            out += [(f"{n}.{k}", getattr(m, k)) for k in ("q", "k", "v") if getattr(m, k).bits < 16]
+    return out
+
+
+@torch.no_grad()
+def init_weight_quantizers(model: nn.Module, method: str, p: float = 2.4) -> None:
+    """Channel-wise scale/zero point of every weight quantizer (min-max or Lp grid search). Data-free."""
+    for _, layer in quant_layers(model):
+        for q, w in zip(layer.wq, layer.weight_parts()):
+            if isinstance(q, UniformQuantizer):
+                q.init_from(w, method, p)
+        layer.invalidate_cache()
+
+
+def set_act_quant(model: nn.Module, enabled: bool) -> None:
+    """Switch activation quantizers off, or back on where initialised (never an uninitialised one)."""
+    for _, q in act_quantizers(model):
+        q.enabled = enabled and q._ready
+
+
+def specs_to_json(specs: list[LayerSpec]) -> list[dict]:
+    return [asdict(s) for s in specs]

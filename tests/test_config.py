@@ -1,0 +1,109 @@
+"""Every config option composes into a valid run spec; bad input fails with one clear line before any work."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import CONF, ROOT, TINY, run_cli
+from qdiff.errors import ConfigError
+from qdiff.spec import build_spec
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["model", "sampler", "quant", "calib", "recon", "eval", "logger"])
+def test_every_group_option_composes_into_a_spec(group, compose_cfg):
+    options = _options(group)
+    assert options, f"conf/{group} is empty"
+    for opt in options:
+        cfg = compose_cfg(f"{group}={opt}")
+        spec = build_spec(cfg)
+        assert spec.output_dir.name == "run"
+        if group == "model":
+            assert spec.model.name == opt
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_every_experiment_composes(experiment, compose_cfg):
+    spec = build_spec(compose_cfg(f"experiment={experiment}"))
+    assert spec.task_name != "qdiff", "experiments name their own output folder"
+
+
+def test_model_file_sets_paper_sampler_and_calibration(compose_cfg):
+    spec = build_spec(compose_cfg("model=ldm_church"))
+    assert (spec.sampler.name, spec.sampler.steps, spec.calib.T, spec.calib.c, spec.calib.n) == ("ddim", 500, 500, 25, 256)
+    assert spec.calib.N == 5120  # Table 5
+    spec = build_spec(compose_cfg("model=sd14", "model.prompts=x"))
+    assert (spec.sampler.name, spec.calib.T, spec.calib.c) == ("plms", 50, 2)
+
+
+def test_default_run_is_qdiff_w4a8_on_digits(compose_cfg):
+    spec = build_spec(compose_cfg())
+    assert (spec.model.name, spec.quant.method, spec.quant.label) == ("digits", "qdiff", "W4A8")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.name=nope", "unknown model 'nope'"),
+    ("sampler.name=euler", "unknown sampler 'euler'"),
+    ("sampler.steps=0", "sampler.steps must be > 0"),
+    ("eval.n_samples=-5", "eval.n_samples must be >= 2"),
+    ("quant.weight_bits=9", "quant.weight_bits must be an integer in 2..8"),
+    ("quant.act_bits=1", "quant.act_bits must be an integer in 2..8"),
+    ("quant.method=gptq", "unknown quant.method 'gptq'"),
+    ("calib.c=200", "calib.c (200) must be <= calib.T (100)"),
+    ("calib.n=0", "calib.n must be > 0"),
+    ("calib.c=0", "calib.c must be > 0"),
+    ("calib.mode=random", "unknown calib.mode"),
+    ("recon.granularity=net", "recon.granularity must be block or layer"),
+    ("+quant.foo=1", "quant: unknown option(s) ['foo']"),
+])
+def test_bad_values_raise_config_error(override, message, compose_cfg):
+    with pytest.raises(ConfigError, match=__import__("re").escape(message)):
+        build_spec(compose_cfg(override))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model=nope"], "Could not find 'model/nope'"),
+    (["sampler=euler"], "Could not find 'sampler/euler'"),
+    (["sampler.steps=0"], "error: sampler.steps must be > 0"),
+    (["eval.n_samples=-3"], "error: eval.n_samples must be >= 2"),
+    (["quant.weight_bits=12"], "error: quant.weight_bits must be an integer in 2..8"),
+    (["calib.c=101"], "error: calib.c (101) must be <= calib.T (100)"),
+    (["calib.n=0"], "error: calib.n must be > 0"),
+])
+def test_cli_rejects_bad_input_in_one_line_before_any_work(args, message, tmp_path):
+    r = run_cli([*args, *TINY, f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path, timeout=120)
+    assert r.returncode != 0
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "cache").exists(), "no work may start before validation"
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_cli_unreadable_checkpoint_is_one_line(tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x00\x01 not a checkpoint")
+    r = run_cli(["quant=fp", f"model.source={bad}", *TINY, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, timeout=120)
+    assert r.returncode == 2
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "broken.safetensors" in err[0] and "corrupt" in err[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_missing_weights_say_how_to_make_them(tmp_path):
+    r = run_cli(["quant=fp", f"model.source={tmp_path / 'missing.safetensors'}", *TINY,
+                 f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, timeout=120)
+    assert r.returncode == 2
+    assert "experiments/train_digits.py" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_run_never_overwrites_a_finished_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text('{"fid": 1.0}')
+    r = run_cli(["quant=fp", *TINY, f"hydra.run.dir={run}"], tmp_path, timeout=120)
+    assert r.returncode == 2 and "refusing to overwrite" in r.stderr
+    assert (run / "metrics.json").read_text() == '{"fid": 1.0}'

@@ -1,0 +1,189 @@
+"""Quantization core: quantizer math, STE, layers, wrapping any nn.Module, splits, save/load, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import qdiff
+from qdiff.errors import CheckpointError, ConfigError
+from qdiff.quant import (QuantConfig, QuantLayer, UniformQuantizer, find_concat_splits, load_quantized, quant_layers,
+                         save_quantized)
+from qdiff.quant.quantizer import NotInitializedError
+from tiny_unet import TinyUNet
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_round_trip_error_is_at_most_half_a_step_inside_the_range(bits, symmetric):
+    x = torch.linspace(-1.3, 2.1, 5001)
+    q = UniformQuantizer(bits, symmetric).init_from(x, "minmax")
+    err = (q(x) - x).abs()
+    assert err.max() <= q.scale / 2 + 1e-6
+    assert len(torch.unique(q(x))) <= 2 ** bits
+    assert float(q.scale) == pytest.approx((2.1 + (1.3 if not symmetric else 2.1)) / (2 ** bits - 1), rel=1e-5)
+
+
+def test_more_bits_means_less_error_and_mse_search_beats_minmax_on_outliers():
+    torch.manual_seed(0)
+    x = torch.randn(20000)
+    x[:5] = 40.0  # outliers: min-max wastes the grid on them
+    errs = [((UniformQuantizer(b).init_from(x, "minmax")(x) - x) ** 2).mean() for b in (2, 4, 6, 8)]
+    assert all(a > b for a, b in zip(errs, errs[1:]))
+    mm = ((UniformQuantizer(4).init_from(x, "minmax")(x) - x) ** 2).mean()
+    mse = ((UniformQuantizer(4).init_from(x, "mse", p=2.4)(x) - x) ** 2).mean()
+    assert mse < 0.6 * mm
+
+
+def test_channel_wise_and_per_tensor_shapes():
+    w = torch.randn(6, 3, 3, 3) * torch.arange(1, 7).view(6, 1, 1, 1)
+    cw = UniformQuantizer(4, channel_axis=0).init_from(w, "mse")
+    pt = UniformQuantizer(4).init_from(w, "minmax")
+    assert cw.scale.shape == (6, 1, 1, 1) and cw.zero_point.shape == (6, 1, 1, 1)
+    assert pt.scale.shape == () and pt.zero_point.shape == ()
+    assert (cw.scale.flatten().diff() > 0).all(), "wider channels get larger steps"
+    convt = UniformQuantizer(4, channel_axis=1).init_from(torch.randn(3, 5, 4, 4), "minmax")
+    assert convt.scale.shape == (1, 5, 1, 1)
+
+
+def test_ste_gradients_reach_input_and_learnable_scale():
+    q = UniformQuantizer(4, learnable_scale=True).init_from(torch.linspace(-1, 1, 100))
+    x = torch.tensor([-3.0, -0.5, 0.1, 0.7, 3.0], requires_grad=True)
+    q(x).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]  # identity inside the range, clipped outside
+    assert q.scale.grad is not None and q.scale.grad != 0
+
+
+def test_uninitialised_quantizer_refuses_to_run_and_off_bits_are_identity():
+    with pytest.raises(NotInitializedError):
+        UniformQuantizer(8)(torch.randn(4))
+    x = torch.randn(4)
+    assert torch.equal(UniformQuantizer(32)(x), x) and torch.equal(UniformQuantizer(16)(x), x)
+
+
+def test_weights_are_fake_quantized_once_per_state_change():
+    layer = QuantLayer(nn.Conv2d(4, 8, 3), 4, 32)
+    layer.wq[0].init_from(layer.weight, "minmax")
+    calls = []
+    h = layer.wq[0].register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(2, 4, 8, 8)
+    for _ in range(5):
+        layer(x)
+    assert len(calls) == 1
+    layer.wq[0].init_from(layer.weight, "mse")  # a state change
+    layer(x)
+    assert len(calls) == 2
+    h.remove()
+
+
+def _calib(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 16, 16, generator=g), torch.randint(0, 1000, (n,), generator=g)
+
+
+def test_plain_module_unet_quantizes_runs_and_finds_its_skip_concat():
+    torch.manual_seed(0)
+    net = TinyUNet().eval()
+    x, t = _calib()
+    assert find_concat_splits(net, (x[:2], t[:2])) == {"dec.conv1": 8, "dec.skip": 8}
+    q = qdiff.quantize(net, QuantConfig(method="linear", weight_bits=4, act_bits=8), (x, t), progress=False)
+    layers = dict(quant_layers(q))
+    assert {type(m).__name__ for m in net.modules()} >= {"LayerNorm", "ConvTranspose2d", "Sequential"}
+    assert {"up", "mid.mlp.0", "time.0", "dec.conv1", "out.2"} <= set(layers)
+    assert layers["up"].org_type == "ConvTranspose2d" and layers["dec.conv1"].split == 8
+    with torch.no_grad():
+        a, b = net(x[:4], t[:4]), q(x[:4], t[:4])
+    assert torch.isfinite(b).all() and not torch.equal(a, b)
+    assert ((a - b) ** 2).mean() < 0.1 * (a ** 2).mean()
+    assert all(not isinstance(m, QuantLayer) for m in net.modules()), "the original model is untouched"
+
+
+def test_diffusers_unet_split_detection_finds_exactly_the_up_block_concats():
+    from qdiff.models.digits import build_digits_unet
+
+    unet = build_digits_unet().eval()
+    splits = find_concat_splits(unet, (torch.randn(1, 1, 16, 16), torch.tensor([10])))
+    expected = {f"up_blocks.{b}.resnets.{r}.{c}" for b in range(3) for r in range(2) for c in ("conv1", "conv_shortcut")}
+    assert set(splits) == expected
+    # the split point is the channel count of the up-path feature
+    assert splits["up_blocks.2.resnets.1.conv1"] == 32 and splits["up_blocks.0.resnets.0.conv1"] == 64
+
+
+def test_layer_policy_first_last_and_overrides():
+    net = TinyUNet().eval()
+    x, t = _calib(8)
+    cfg = QuantConfig(method="linear", weight_bits=4, act_bits=8, first_last_bits=8,
+                      overrides=[{"pattern": r"^down\.(conv1|skip)$", "weight_bits": 8, "act_quant": False}])
+    q = qdiff.quantize(net, cfg, (x, t), progress=False)
+    bits = {n: (m.weight_bits, m.act_bits) for n, m in quant_layers(q)}
+    assert bits["time.0"] == (8, 8) and bits["out.2"] == (8, 8), "first and last executed layers"
+    assert bits["down.conv1"] == (8, 32) and bits["dec.conv1"] == (4, 8)
+
+
+def test_attention_matmuls_stay_fp_unless_attn_bits():
+    from qdiff.models.digits import build_digits_unet
+
+    unet = build_digits_unet().eval()
+    x, t = _calib(8)
+    q_fp_attn = qdiff.quantize(unet, QuantConfig(method="linear"), (x, t), progress=False)
+    q_attn = qdiff.quantize(unet, QuantConfig(method="linear", attn_bits=6), (x, t), progress=False)
+    assert not any(hasattr(m, "matmul_quant") for m in q_fp_attn.modules())
+    mq = [m.matmul_quant for m in q_attn.modules() if hasattr(m, "matmul_quant")]
+    assert len(mq) == 4 and all(m.q._ready and m.k._ready and m.v._ready for m in mq)
+    with torch.no_grad():
+        assert not torch.equal(q_fp_attn(x[:2], t[:2]).sample, q_attn(x[:2], t[:2]).sample)
+
+
+def test_save_load_reproduces_outputs_exactly_and_stores_integer_codes(tmp_path):
+    torch.manual_seed(0)
+    net = TinyUNet().eval()
+    x, t = _calib()
+    cfg = QuantConfig(method="linear", weight_bits=4, act_bits=8)
+    q = qdiff.quantize(net, cfg, (x, t), progress=False)
+    save_quantized(q, cfg, q.quant_specs, tmp_path / "q")
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "q" / "model.safetensors"))
+    codes = state["dec.conv1.weight_codes"]
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15 and "dec.conv1.weight" not in state
+    torch.manual_seed(123)
+    q2, cfg2, _ = load_quantized(TinyUNet().eval(), tmp_path / "q")   # different random init underneath
+    with torch.no_grad():
+        assert torch.equal(q(x[:4], t[:4]), q2(x[:4], t[:4]))
+    assert cfg2 == cfg
+
+
+def test_mismatched_or_corrupt_quantized_checkpoint_gives_one_clear_error(tmp_path):
+    net = TinyUNet().eval()
+    x, t = _calib(8)
+    cfg = QuantConfig(method="linear", weight_bits=4, act_bits=8)
+    q = qdiff.quantize(net, cfg, (x, t), progress=False)
+    save_quantized(q, cfg, q.quant_specs, tmp_path / "q")
+    with pytest.raises(CheckpointError, match="does not fit this architecture") as e:
+        load_quantized(TinyUNet(ch=16).eval(), tmp_path / "q")
+    assert "\n" not in str(e.value)
+    (tmp_path / "q" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_quantized(TinyUNet().eval(), tmp_path / "q")
+    (tmp_path / "q" / "quant_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt JSON"):
+        load_quantized(TinyUNet().eval(), tmp_path / "q")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"weight_bits": 9}, "quant.weight_bits must be an integer in 2..8"),
+    ({"weight_bits": 1}, "quant.weight_bits"),
+    ({"act_bits": 12}, "quant.act_bits"),
+    ({"attn_bits": 0}, "quant.attn_bits"),
+    ({"method": "awq"}, "unknown quant.method 'awq'"),
+    ({"scale_method": "kl"}, "quant.scale_method"),
+    ({"overrides": [{"pattern": "(", "weight_bits": 8}]}, "bad pattern"),
+])
+def test_bad_quant_settings(kwargs, message):
+    with pytest.raises(ConfigError, match=__import__("re").escape(message)):
+        QuantConfig(**kwargs)
+
+
+def test_quantize_needs_calibration_data():
+    with pytest.raises(ConfigError, match="calib_data"):
+        qdiff.quantize(TinyUNet(), QuantConfig(method="linear"))
