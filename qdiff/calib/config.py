@@ -1,0 +1,57 @@
+"""Typed calibration-data settings (the ``calib/`` config group): the paper's (T, c, n), Algorithm 1."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qdiff.errors import ConfigError
+
+MODES = ("uniform", "t0", "tmax")
+
+
+@dataclass
+class CalibConfig:
+    #: uniform: n inputs every c steps (the paper's timestep-aware set); t0: all N inputs from the last
+    #: denoising step (Table 1's "calibrated at t=0"); tmax: all N from the first (pure-noise) step.
+    mode: str = "uniform"
+    #: Denoising steps of the FP sampler that produces the data; None = the sampler's steps.
+    T: int | None = None
+    #: Keep the inputs of every c-th step (steps whose timestep number t = T..1 satisfies t % c == 0).
+    c: int = 5
+    #: Intermediate inputs kept per kept step (= trajectories sampled).
+    n: int = 64
+    #: Seed of the calibration trajectories (independent of the evaluation seed).
+    seed: int = 1234
+    #: Trajectories denoised together while collecting.
+    batch_size: int = 256
+    #: Reuse a cached set with the same key (model, sampler, T, c, n, mode, seed, prompts).
+    cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown calib.mode '{self.mode}'; known: {', '.join(MODES)}")
+        if self.T is not None and self.T <= 0:
+            raise ConfigError(f"calib.T must be > 0, got {self.T}")
+        if self.c <= 0:
+            raise ConfigError(f"calib.c must be > 0, got {self.c}")
+        if self.n <= 0:
+            raise ConfigError(f"calib.n must be > 0, got {self.n}")
+        if self.T is not None and self.c > self.T:
+            raise ConfigError(f"calib.c ({self.c}) must be <= calib.T ({self.T})")
+        if self.batch_size <= 0:
+            raise ConfigError(f"calib.batch_size must be > 0, got {self.batch_size}")
+
+    def resolve(self, sampler_steps: int) -> "CalibConfig":
+        """Fix T from the sampler when unset and re-check c <= T."""
+        from dataclasses import replace
+
+        return replace(self, T=self.T if self.T is not None else sampler_steps)
+
+    @property
+    def kept_steps(self) -> int:
+        assert self.T is not None
+        return self.T // self.c
+
+    @property
+    def N(self) -> int:
+        """Size of the calibration set, N = n * floor(T / c) (Table 5)."""
+        return self.n * self.kept_steps

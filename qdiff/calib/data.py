@@ -1,0 +1,185 @@
+"""Timestep-aware calibration data (paper §3.2, Algorithm 1), collected once and cached on disk.
+
+The FP sampler runs for T steps; the inputs of the kept steps (x_t, t and the conditioning, including
+the unconditional branch of classifier-free guidance) are written into memory-mapped ``.npy`` files as
+they are produced, so neither collection nor later use holds the whole set in RAM. A set is keyed by
+everything that determines it and reused by any run with the same key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from qdiff.calib.config import CalibConfig
+from qdiff.io import write_json
+from qdiff.models.base import DiffusionModel, fingerprint
+from qdiff.sampling.config import SamplerConfig
+from qdiff.sampling.samplers import denoise, initial_noise, prompt_conditioning
+
+
+class CalibrationSet:
+    """N stored model inputs; with CFG every entry is used twice (conditional and unconditional)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.meta = json.loads((self.root / "meta.json").read_text())
+        self.x = np.load(self.root / "x.npy", mmap_mode="r")
+        self.t = np.load(self.root / "t.npy")
+        self.step = np.load(self.root / "step.npy")
+        self.cond = np.load(self.root / "cond.npy", mmap_mode="r") if (self.root / "cond.npy").exists() else None
+        self.uncond = np.load(self.root / "uncond.npy") if (self.root / "uncond.npy").exists() else None
+
+    @property
+    def n_entries(self) -> int:
+        return int(self.x.shape[0])
+
+    def __len__(self) -> int:
+        """Model inputs: entries, doubled when the unconditional branch is stored too."""
+        return self.n_entries * (2 if self.uncond is not None else 1)
+
+    def get(self, idx: Sequence[int], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Batch (x, t, cond) for input indices ``idx`` (indices >= n_entries are the unconditional branch)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        entry = idx % self.n_entries
+        order = np.argsort(entry, kind="stable")          # sorted reads are kind to the page cache
+        inv = np.empty_like(order)
+        inv[order] = np.arange(len(order))
+        x = torch.from_numpy(np.ascontiguousarray(self.x[entry[order]]))[inv]
+        t = torch.from_numpy(self.t[entry])
+        cond: dict = {}
+        if self.cond is not None:
+            c = torch.from_numpy(np.ascontiguousarray(self.cond[entry[order]]))[inv]
+            if self.uncond is not None:
+                is_u = torch.from_numpy(idx >= self.n_entries)
+                c = torch.where(is_u[:, None, None], torch.from_numpy(self.uncond).expand_as(c), c)
+            cond = {"encoder_hidden_states": c.to(device)}
+        return x.to(device), t.to(device), cond
+
+    def batches(self, batch_size: int, indices: Sequence[int] | None = None,
+                device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+        idx = np.arange(len(self)) if indices is None else np.asarray(indices)
+        for i in range(0, len(idx), batch_size):
+            yield self.get(idx[i:i + batch_size], device)
+
+    def timesteps(self) -> np.ndarray:
+        return np.unique(self.t)
+
+
+def calibration_key(model: DiffusionModel, sampler: SamplerConfig, calib: CalibConfig, prompts: Sequence[str] | None) -> str:
+    ident = {
+        "model": model.name, "weights": model.meta.get("fingerprint") or fingerprint(model.unet),
+        "sampler": sampler.name, "eta": sampler.eta, "T": calib.T, "c": calib.c, "n": calib.n,
+        "mode": calib.mode, "seed": calib.seed, "guidance": model.guidance_scale if model.is_text_guided else None,
+        "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest() if prompts else None,
+        "scheduler": model.scheduler_config,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _StopSampling(Exception):
+    pass
+
+
+@torch.no_grad()
+def collect_calibration(model: DiffusionModel, sampler: SamplerConfig, calib: CalibConfig, cache_dir: Path,
+                        device: torch.device | str = "cpu", prompts: Sequence[str] | None = None,
+                        progress: bool = True) -> tuple[CalibrationSet, bool]:
+    """The calibration set for these settings, from the cache or freshly collected; returns (set, cache_hit)."""
+    assert calib.T is not None, "resolve calib.T first"
+    key = calibration_key(model, sampler, calib, prompts)
+    root = Path(cache_dir) / "calib" / key
+    if calib.cache and (root / "COMPLETE").exists():
+        return CalibrationSet(root), True
+    if root.exists():
+        shutil.rmtree(root)  # an interrupted collection: start over
+    root.mkdir(parents=True)
+    csampler = replace(sampler, steps=calib.T)
+    T, c, n = calib.T, calib.c, calib.n
+    if calib.mode == "uniform":
+        kept = [i for i in range(T) if (T - i) % c == 0]    # timestep numbers t = T..1 with t % c == 0
+        n_traj = n
+    else:
+        kept = [T - 1] if calib.mode == "t0" else [0]
+        n_traj = calib.N
+    N = n_traj * len(kept)
+    kept_pos = {s: k for k, s in enumerate(kept)}
+    x_mm = np.lib.format.open_memmap(root / "x.npy", mode="w+", dtype=np.float32, shape=(N, *model.sample_shape))
+    t_arr = np.zeros(N, dtype=np.int64)
+    step_arr = np.zeros(N, dtype=np.int64)
+    cond_mm = None
+    text_prompts = list(prompts) if prompts is not None else None
+    if model.is_text_guided and (text_prompts is None or len(text_prompts) < n_traj):
+        raise ValueError(f"{model.name}: calibration needs {n_traj} prompts")
+    noise = initial_noise(model, n_traj, calib.seed)
+    bar = tqdm(total=n_traj, desc=f"calibration data ({calib.mode}, T={T}, c={c}, n={n})", unit="traj", disable=not progress)
+    for start in range(0, n_traj, calib.batch_size):
+        end = min(n_traj, start + calib.batch_size)
+        cond, uncond = prompt_conditioning(model, text_prompts[start:end] if text_prompts else [], device)
+        if cond is not None and cond_mm is None:
+            e = cond["encoder_hidden_states"]
+            cond_mm = np.lib.format.open_memmap(root / "cond.npy", mode="w+", dtype=np.float32, shape=(N, *e.shape[1:]))
+            np.save(root / "uncond.npy", uncond["encoder_hidden_states"][:1].float().cpu().numpy())
+
+        def on_step(i, t, x_in, cond_, _uncond, start=start, end=end):
+            if i not in kept_pos:
+                return
+            rows = slice(kept_pos[i] * n_traj + start, kept_pos[i] * n_traj + end)
+            x_mm[rows] = x_in.float().cpu().numpy()
+            t_arr[rows] = t.cpu().numpy()
+            step_arr[rows] = i
+            if cond_ is not None:
+                cond_mm[rows] = cond_["encoder_hidden_states"].float().cpu().numpy()
+            if i == kept[-1]:
+                raise _StopSampling
+
+        gen = torch.Generator("cpu").manual_seed(calib.seed * 1_000_003 + start)
+        try:
+            denoise(model, model.unet, csampler, noise[start:end].to(device), cond, uncond, gen, on_step=on_step)
+        except _StopSampling:
+            pass
+        bar.update(end - start)
+    bar.close()
+    x_mm.flush()
+    del x_mm
+    if cond_mm is not None:
+        cond_mm.flush()
+        del cond_mm
+    np.save(root / "t.npy", t_arr)
+    np.save(root / "step.npy", step_arr)
+    write_json(root / "meta.json", {"key": key, "calib": asdict(calib), "sampler": asdict(csampler), "model": model.name,
+                                    "N": N, "kept_steps": kept, "text_guided": model.is_text_guided})
+    (root / "COMPLETE").write_text("ok\n")
+    return CalibrationSet(root), False
+
+
+class TensorCalibration:
+    """In-memory calibration inputs with the :class:`CalibrationSet` interface (for the Python API/tests)."""
+
+    def __init__(self, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> None:
+        if x.shape[0] != t.shape[0]:
+            raise ValueError(f"calibration x and t disagree on N: {x.shape[0]} vs {t.shape[0]}")
+        self.x, self.t, self.cond = x.cpu(), t.cpu(), {k: v.cpu() for k, v in (cond or {}).items()}
+        self.step = np.zeros(len(t), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def get(self, idx: Sequence[int], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, dict]:
+        i = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        return self.x[i].to(device), self.t[i].to(device), {k: v[i].to(device) for k, v in self.cond.items()}
+
+    def batches(self, batch_size: int, indices: Sequence[int] | None = None, device: torch.device | str = "cpu"):
+        idx = np.arange(len(self)) if indices is None else np.asarray(indices)
+        for s in range(0, len(idx), batch_size):
+            yield self.get(idx[s:s + batch_size], device)
+
+    def timesteps(self) -> np.ndarray:
+        return np.unique(self.t.numpy())

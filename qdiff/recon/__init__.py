@@ -1,0 +1,6 @@
+"""Block reconstruction: one engine, block and layer units, Lightning loops, resumable."""
+from qdiff.recon.config import ReconConfig
+from qdiff.recon.engine import reconstruct
+from qdiff.recon.units import BLOCK_REGISTRY, Unit, find_units, register_block
+
+__all__ = ["ReconConfig", "reconstruct", "BLOCK_REGISTRY", "Unit", "find_units", "register_block"]

@@ -1,0 +1,145 @@
+"""Inputs and FP targets of one reconstruction unit, captured over the calibration set.
+
+For unit u, the quantized model (earlier units already reconstructed) runs up to u and its call
+arguments are recorded (or, with ``input_source=fp``, the FP model's); the FP model runs through u and
+its output is the target. Both forwards stop right after u (no wasted compute). Tensors whose leading
+dimension is the batch are stored per sample, in memory or in memory-mapped files on disk; arguments that
+are the calibration conditioning itself (e.g. SD's text embeddings) are re-read from the calibration
+set instead of being copied.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+class _Stop(Exception):
+    pass
+
+
+class UnitCache:
+    """Per-sample tensors of one unit: named slots -> [N, ...] (RAM tensors or on-disk memmaps)."""
+
+    def __init__(self, n: int, storage: str, root: Path | None) -> None:
+        self.n = n
+        self.storage = storage
+        self.root = root
+        self.slots: dict[str, Any] = {}
+        self.cond_refs: dict[str, str] = {}    # slot -> calibration cond key it aliases
+        self.constants: dict[str, Any] = {}    # non-batched call arguments
+        self.arg_names: list[str] = []         # positional slots in order
+        self.kwarg_names: list[str] = []
+        if storage == "disk":
+            assert root is not None
+            if root.exists():
+                shutil.rmtree(root)
+            root.mkdir(parents=True)
+
+    def write(self, slot: str, rows: slice, value: torch.Tensor) -> None:
+        v = value.detach()
+        if slot not in self.slots:
+            shape = (self.n, *v.shape[1:])
+            if self.storage == "disk":
+                self.slots[slot] = np.lib.format.open_memmap(self.root / f"{slot}.npy", mode="w+", dtype=np.float32, shape=shape)
+            else:
+                self.slots[slot] = torch.empty(shape, dtype=v.dtype, device=v.device)
+        store = self.slots[slot]
+        if isinstance(store, np.ndarray):
+            store[rows] = v.float().cpu().numpy()
+        else:
+            store[rows] = v
+
+    def read(self, slot: str, idx: np.ndarray, device) -> torch.Tensor:
+        store = self.slots[slot]
+        if isinstance(store, np.ndarray):
+            order = np.argsort(idx, kind="stable")
+            inv = np.empty_like(order)
+            inv[order] = np.arange(len(order))
+            return torch.from_numpy(np.ascontiguousarray(store[idx[order]]))[inv].to(device)
+        return store[torch.as_tensor(idx, device=store.device)].to(device)
+
+    def close(self) -> None:
+        self.slots.clear()
+        if self.storage == "disk" and self.root is not None and self.root.exists():
+            shutil.rmtree(self.root)
+
+
+def _is_batched(v: Any, b: int) -> bool:
+    return isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == b
+
+
+@torch.no_grad()
+def capture_unit(unit_name: str, fp_model: nn.Module, q_model: nn.Module, forward: Callable, calib, sample_idx: np.ndarray,
+                 batch_size: int, device, storage: str = "memory", root: Path | None = None,
+                 input_source: str = "quantized", progress: bool = True) -> UnitCache:
+    """Run both models over the chosen calibration inputs and cache (unit inputs, FP unit output)."""
+    cache = UnitCache(len(sample_idx), storage, root)
+    fp_mod = fp_model.get_submodule(unit_name)
+    src_model = q_model if input_source == "quantized" else fp_model
+    src_mod = src_model.get_submodule(unit_name)
+    state: dict = {}
+
+    def record_inputs(_m, args, kwargs):
+        b, rows, cond = state["b"], state["rows"], state["cond"]
+        cond_ids = {id(v): k for k, v in cond.items()}
+        if not cache.arg_names and not cache.kwarg_names and not cache.constants:
+            cache.arg_names = [f"arg{i}" for i in range(len(args))]
+            cache.kwarg_names = list(kwargs)
+        for name, v in list(zip(cache.arg_names, args)) + [(f"kw_{k}", kwargs[k]) for k in cache.kwarg_names]:
+            if id(v) in cond_ids:
+                cache.cond_refs[name] = cond_ids[id(v)]
+            elif _is_batched(v, b):
+                cache.write(name, rows, v)
+            elif name not in cache.constants:
+                cache.constants[name] = v
+        if src_model is not fp_model:
+            raise _Stop
+
+    def record_output(_m, _args, _kwargs, out):
+        o = out if isinstance(out, torch.Tensor) else out[0]
+        cache.write("target", state["rows"], o)
+        raise _Stop
+
+    h_in = src_mod.register_forward_pre_hook(record_inputs, with_kwargs=True)
+    h_out = fp_mod.register_forward_hook(record_output, with_kwargs=True)
+    try:
+        bar = tqdm(total=len(sample_idx), desc=f"capture {unit_name}", disable=not progress, leave=False)
+        for start in range(0, len(sample_idx), batch_size):
+            idx = sample_idx[start:start + batch_size]
+            x, t, cond = calib.get(idx, device)
+            state.update(b=x.shape[0], rows=slice(start, start + len(idx)), cond=cond)
+            for model in ((src_model, fp_model) if src_model is not fp_model else (fp_model,)):
+                try:
+                    forward(model, x, t, cond)
+                except _Stop:
+                    pass
+            bar.update(len(idx))
+        bar.close()
+    finally:
+        h_in.remove()
+        h_out.remove()
+    if "target" not in cache.slots:
+        raise RuntimeError(f"unit {unit_name} never ran on the calibration inputs")
+    return cache
+
+
+def unit_call_args(cache: UnitCache, rows: np.ndarray, calib, sample_idx: np.ndarray, device) -> tuple[list, dict]:
+    """Positional and keyword arguments of the unit for cached rows ``rows``."""
+    cond = calib.get(sample_idx[rows], device)[2] if cache.cond_refs else {}
+
+    def value(name: str):
+        if name in cache.cond_refs:
+            return cond[cache.cond_refs[name]]
+        if name in cache.slots:
+            return cache.read(name, rows, device)
+        return cache.constants.get(name)
+
+    args = [value(n) for n in cache.arg_names]
+    kwargs = {n[3:]: value(n) for n in (f"kw_{k}" for k in cache.kwarg_names)}
+    return args, kwargs

@@ -1,0 +1,63 @@
+"""Typed reconstruction settings (the ``recon/`` config group). Defaults are the paper's (Appendix A)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qdiff.errors import ConfigError
+
+
+@dataclass
+class ReconConfig:
+    #: AdaRound iterations per block/layer for the weights (paper: 20k).
+    weight_iters: int = 20000
+    #: LSQ iterations per block/layer for the activation step sizes (paper: 5k).
+    act_iters: int = 5000
+    #: Calibration samples per iteration (paper: 32).
+    batch_size: int = 32
+    #: Adam learning rate of the AdaRound rounding variables.
+    weight_lr: float = 1e-3
+    #: Adam learning rate of the LSQ step sizes.
+    act_lr: float = 4e-5
+    #: Weight of the AdaRound rounding regulariser (0.01).
+    round_weight: float = 0.01
+    #: Regulariser temperature annealed from b_start to b_end after the warm-up.
+    b_start: float = 20.0
+    b_end: float = 2.0
+    #: Fraction of weight iterations without the regulariser (0.2).
+    warmup: float = 0.2
+    #: block: residual/transformer blocks jointly, other layers alone (paper); layer: every layer alone.
+    granularity: str = "block"
+    #: Extra blocks for networks outside the registry: regexes on module names (re.fullmatch).
+    block_patterns: list = field(default_factory=list)
+    #: Where a block's inputs come from: quantized (model with the earlier blocks already quantized) or fp.
+    input_source: str = "quantized"
+    #: Calibration samples used (None = all N). Inputs and FP targets of the current block are cached.
+    num_samples: int | None = None
+    #: Keep the per-block cache in memory or stream it from disk (bounded RAM for large N).
+    cache_storage: str = "memory"
+    #: Lightning precision of the reconstruction loops: 32-true | bf16-mixed (GPU) | 16-mixed.
+    precision: str = "32-true"
+    #: Checkpoint after each block and resume an interrupted reconstruction with the same settings.
+    resume: bool = True
+    #: Seed of the reconstruction's batch sampling (per block: seed + block index).
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.weight_iters < 0 or self.act_iters < 0:
+            raise ConfigError("recon.weight_iters and recon.act_iters must be >= 0")
+        if self.batch_size <= 0:
+            raise ConfigError(f"recon.batch_size must be > 0, got {self.batch_size}")
+        if self.weight_lr <= 0 or self.act_lr <= 0 or self.round_weight < 0:
+            raise ConfigError("recon learning rates must be > 0 and recon.round_weight >= 0")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"recon.warmup must be in [0, 1), got {self.warmup}")
+        if self.granularity not in ("block", "layer"):
+            raise ConfigError(f"recon.granularity must be block or layer, got '{self.granularity}'")
+        if self.input_source not in ("quantized", "fp"):
+            raise ConfigError(f"recon.input_source must be quantized or fp, got '{self.input_source}'")
+        if self.cache_storage not in ("memory", "disk"):
+            raise ConfigError(f"recon.cache_storage must be memory or disk, got '{self.cache_storage}'")
+        if self.precision not in ("32-true", "32", "bf16-mixed", "16-mixed"):
+            raise ConfigError(f"recon.precision must be 32-true, bf16-mixed or 16-mixed, got '{self.precision}'")
+        if self.num_samples is not None and self.num_samples <= 0:
+            raise ConfigError(f"recon.num_samples must be > 0 or null, got {self.num_samples}")

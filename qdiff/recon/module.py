@@ -1,0 +1,123 @@
+"""Block/layer reconstruction as a training-like Lightning loop (manual optimisation, ``max_steps``).
+
+One :class:`ReconModule` per unit and phase. The phase is a strategy, not a copy of the loop:
+``weights`` learns AdaRound rounding variables with the annealed rounding regulariser; ``acts`` learns
+LSQ step sizes of the unit's activation quantizers. Lightning provides the progress bar, logging,
+device placement and precision.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from qdiff.quant.adaround import AdaRoundQuantizer
+from qdiff.recon.capture import UnitCache, unit_call_args
+from qdiff.recon.config import ReconConfig
+
+
+def lp_loss(pred: torch.Tensor, target: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """BRECQ's reconstruction loss: |pred - target|^p summed over dim 1, averaged over the rest."""
+    return (pred - target).abs().pow(p).sum(1).mean()
+
+
+class _RandomRows(IterableDataset):
+    """``steps`` random batches of row indices, seeded (identical on resume)."""
+
+    def __init__(self, n: int, batch_size: int, steps: int, seed: int) -> None:
+        self.n, self.batch_size, self.steps, self.seed = n, batch_size, steps, seed
+
+    def __iter__(self):
+        g = np.random.default_rng(self.seed)
+        for _ in range(self.steps):
+            yield g.choice(self.n, size=min(self.batch_size, self.n), replace=False)
+
+
+class ReconModule(pl.LightningModule):
+    def __init__(self, unit: nn.Module, cache: UnitCache, calib, sample_idx: np.ndarray, phase: str,
+                 params: list[nn.Parameter], cfg: ReconConfig, steps: int, seed: int,
+                 adaround: list[AdaRoundQuantizer] | None = None) -> None:
+        super().__init__()
+        self.unit = unit
+        self.cache, self.calib, self.sample_idx = cache, calib, sample_idx
+        self.phase, self.cfg, self.steps, self.seed = phase, cfg, steps, seed
+        self.recon_params = params
+        self.adaround = adaround or []
+        self.automatic_optimization = False
+        self.last: dict[str, float] = {}
+
+    def train(self, mode: bool = True):
+        # Lightning switches modules to train mode; the block itself must keep its inference behaviour
+        # (BatchNorm statistics, dropout), only its quantizer parameters are learned.
+        super().train(mode)
+        self.unit.eval()
+        return self
+
+    def configure_optimizers(self):
+        lr = self.cfg.weight_lr if self.phase == "weights" else self.cfg.act_lr
+        opt = torch.optim.Adam(self.recon_params, lr=lr)
+        if self.phase == "acts":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.steps), eta_min=0.0)
+            return [opt], [sched]
+        return opt
+
+    def train_dataloader(self):
+        return DataLoader(_RandomRows(self.cache.n, self.cfg.batch_size, self.steps, self.seed), batch_size=None)
+
+    def temperature(self, step: int) -> float | None:
+        """Rounding-regulariser exponent b at ``step``: None during warm-up, then b_start -> b_end linearly."""
+        start = self.cfg.warmup * self.steps
+        if step < start:
+            return None
+        rel = (step - start) / max(1.0, self.steps - start)
+        return self.cfg.b_end + (self.cfg.b_start - self.cfg.b_end) * max(0.0, 1.0 - rel)
+
+    def unit_output(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        args, kwargs = unit_call_args(self.cache, rows, self.calib, self.sample_idx, self.device)
+        out = self.unit(*args, **kwargs)
+        out = out if isinstance(out, torch.Tensor) else out[0]
+        return out, self.cache.read("target", rows, self.device)
+
+    def training_step(self, rows, batch_idx):
+        opt = self.optimizers()
+        out, target = self.unit_output(np.asarray(rows))
+        rec = lp_loss(out.float(), target.float())
+        loss = rec
+        b = self.temperature(self.global_step) if self.phase == "weights" else None
+        round_loss = torch.zeros((), device=rec.device)
+        if b is not None and self.cfg.round_weight > 0:
+            round_loss = self.cfg.round_weight * sum(q.round_loss(b) for q in self.adaround)
+            loss = rec + round_loss
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        opt.step()
+        if self.phase == "acts":
+            self.lr_schedulers().step()
+        self.last = {"rec_loss": float(rec.detach()), "round_loss": float(round_loss.detach())}
+        self.log_dict({f"recon/{self.phase}/rec_loss": self.last["rec_loss"]}, prog_bar=True, on_step=True,
+                      on_epoch=False, batch_size=len(rows))
+        return loss
+
+
+def trainer_for(steps: int, device: torch.device, precision: str, progress: bool, logger) -> pl.Trainer:
+    plugins = []
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
+        # submitit (or the user's own script) handles requeue; Lightning's own SLURM requeue stays off.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return pl.Trainer(
+        max_steps=steps, max_epochs=-1, accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=[device.index or 0] if device.type == "cuda" else 1, precision=precision, logger=logger,
+        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+        enable_progress_bar=progress, log_every_n_steps=max(1, min(50, steps)), plugins=plugins,
+        limit_val_batches=0, use_distributed_sampler=False,
+    )
+
+
+def log10_safe(x: float) -> float:
+    return math.log10(x) if x > 0 else float("-inf")

@@ -1,0 +1,78 @@
+"""What gets reconstructed together: blocks (residual / transformer blocks) and single layers.
+
+Blocks come from a registry of module classes (diffusers' ResnetBlock2D, Attention, BasicTransformerBlock
+by default; ``register_block`` adds more) or from name patterns in the config, so any network works.
+The top-most matching module wins; quantized layers outside every block are reconstructed one at a time.
+Units are ordered by when they first run in a forward pass.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from qdiff.quant.layers import QuantLayer
+
+#: Module classes reconstructed as one block.
+BLOCK_REGISTRY: set[type] = set()
+
+
+def register_block(cls: type) -> type:
+    """Reconstruct every module of class ``cls`` as one block (usable as a class decorator)."""
+    BLOCK_REGISTRY.add(cls)
+    return cls
+
+
+def _register_diffusers_blocks() -> None:
+    try:
+        from diffusers.models.attention import BasicTransformerBlock
+        from diffusers.models.attention_processor import Attention
+        from diffusers.models.resnet import ResnetBlock2D
+    except ImportError:  # pragma: no cover
+        return
+    for cls in (ResnetBlock2D, Attention, BasicTransformerBlock):
+        register_block(cls)
+
+
+_register_diffusers_blocks()
+
+
+@dataclass
+class Unit:
+    name: str           # module path in the model ("" never: the whole model is not a unit)
+    kind: str           # "block" or "layer"
+    module_type: str
+    n_layers: int       # quantized layers inside
+
+
+def find_units(qmodel: nn.Module, order: list[str], granularity: str = "block",
+               block_patterns: list[str] | None = None) -> list[Unit]:
+    """Reconstruction units of a wrapped model, in execution order (``order``: module names as executed)."""
+    patterns = [re.compile(p) for p in (block_patterns or [])]
+    modules = dict(qmodel.named_modules())
+    layers = {n for n, m in modules.items() if isinstance(m, QuantLayer)}
+
+    def is_block(name: str, m: nn.Module) -> bool:
+        return bool(name) and (type(m) in BLOCK_REGISTRY or any(p.fullmatch(name) for p in patterns))
+
+    units: list[Unit] = []
+    covered: set[str] = set()
+    if granularity == "block":
+        for name, m in modules.items():  # named_modules is pre-order: ancestors come first
+            if is_block(name, m) and not any(name.startswith(u.name + ".") for u in units):
+                inner = [l for l in layers if l.startswith(name + ".")]
+                if inner:
+                    units.append(Unit(name, "block", type(m).__name__, len(inner)))
+                    covered.update(inner)
+    for name in sorted(layers - covered):
+        units.append(Unit(name, "layer", modules[name].org_type, 1))
+    rank = {n: i for i, n in enumerate(order)}
+    missing = [u.name for u in units if u.name not in rank]
+    units = [u for u in units if u.name in rank]
+    units.sort(key=lambda u: rank[u.name])
+    if missing:
+        import logging
+
+        logging.getLogger("qdiff").warning("not reconstructed (never executed on calibration data): %s", missing)
+    return units

@@ -1,0 +1,121 @@
+"""Reconstruction engine: units, AdaRound hardness, MSE vs linear, Lightning loop, kill-and-resume."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import qdiff
+from qdiff.api import prepare
+from qdiff.quant import QuantConfig, quant_layers
+from qdiff.recon import ReconConfig, find_units, reconstruct
+from qdiff.quant.split import execution_order
+from recon_job import setup
+
+HERE = Path(__file__).parent
+
+
+def test_units_are_blocks_by_registry_or_pattern_and_layers_otherwise():
+    from qdiff.models.digits import build_digits_unet
+
+    unet = build_digits_unet().eval()
+    x, t = torch.randn(1, 1, 16, 16), torch.tensor([5])
+    q, _ = prepare(unet, QuantConfig(method="qdiff"), (x, t, {}))
+    units = find_units(q, execution_order(unet, (x, t)))
+    kinds = {u.name: (u.kind, u.module_type) for u in units}
+    assert kinds["down_blocks.0.resnets.0"] == ("block", "ResnetBlock2D")
+    assert kinds["mid_block.attentions.0"] == ("block", "Attention")
+    assert kinds["conv_in"] == ("layer", "Conv2d") and kinds["time_embedding.linear_1"] == ("layer", "Linear")
+    assert sum(u.n_layers for u in units) == len(quant_layers(q))   # every layer exactly once
+    assert [u.name for u in units][:3] == ["time_embedding.linear_1", "time_embedding.linear_2", "conv_in"]
+    layer_units = find_units(q, execution_order(unet, (x, t)), granularity="layer")
+    assert all(u.kind == "layer" for u in layer_units) and len(layer_units) == len(quant_layers(q))
+    # a plain nn.Module network gets blocks from name patterns
+    net, qt, calib, _, _ = setup()
+    order = execution_order(net, calib.get([0])[:2])
+    plain = {u.name: u.kind for u in find_units(qt, order, block_patterns=["down", "dec", "mid"])}
+    assert plain["down"] == plain["dec"] == plain["mid"] == "block" and plain["up"] == "layer"
+
+
+def test_adaround_ends_hard_and_on_the_grid_and_beats_linear():
+    net, q, calib, qcfg, rcfg = setup(iters=300)
+    qcfg = QuantConfig(method="qdiff", weight_bits=4, act_bits=32)
+    q, _ = prepare(net, qcfg, calib.get([0, 1]))
+    report = reconstruct(net, q, calib, qcfg, ReconConfig(weight_iters=300, batch_size=8, block_patterns=["down", "dec", "mid"]),
+                         progress=False)
+    steps = [s for s in report["steps"] if s["step"].startswith("weights:")]
+    assert all(s["hard_fraction"] >= 0.9 for s in steps), [s["hard_fraction"] for s in steps]
+    for name, layer in quant_layers(q):
+        wq = layer.wq[0]
+        codes = layer.weight_codes().float()
+        if layer.split:
+            continue
+        assert torch.equal((codes - wq.zero_point) * wq.scale, layer.weight), name   # exactly on the 4-bit grid
+    assert sum(s["mse_after"] < s["mse_before"] for s in steps) >= 0.8 * len(steps)
+    lin = qdiff.quantize(net, QuantConfig(method="linear", weight_bits=4, act_bits=32), calib, progress=False)
+    x, t, _ = calib.get(np.arange(32))
+    with torch.no_grad():
+        ref = net(x, t)
+        err_q, err_lin = ((q(x, t) - ref) ** 2).mean(), ((lin(x, t) - ref) ** 2).mean()
+    assert err_q < 0.5 * err_lin, (err_q, err_lin)
+
+
+def test_reconstruction_runs_as_lightning_loops_with_max_steps():
+    from qdiff.recon.capture import capture_unit
+    from qdiff.recon.module import ReconModule, trainer_for
+    from qdiff.api import default_forward
+    import pytorch_lightning as pl
+
+    net, q, calib, _, rcfg = setup()
+    idx = np.arange(len(calib))
+    cache = capture_unit("dec", net, q, default_forward, calib, idx, 16, "cpu", progress=False)
+    unit = q.get_submodule("dec")
+    ada = [a for l in unit.modules() if hasattr(l, "start_adaround") for a in l.start_adaround()]
+    mod = ReconModule(unit, cache, calib, idx, "weights", [a.alpha for a in ada], rcfg, 7, 0, ada)
+    assert isinstance(mod, pl.LightningModule) and not mod.automatic_optimization
+    trainer = trainer_for(7, torch.device("cpu"), "32-true", False, False)
+    trainer.fit(mod)
+    assert trainer.global_step == 7 and "rec_loss" in mod.last
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+    job = [sys.executable, str(HERE / "recon_job.py")]
+    ref = subprocess.run([*job, str(tmp_path / "w_ref"), str(tmp_path / "ref.safetensors")], capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    proc = subprocess.Popen([*job, str(tmp_path / "w"), str(tmp_path / "resumed.safetensors")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = tmp_path / "w" / "progress.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if progress.exists() and len(json.loads(progress.read_text())["done"]) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the job must be killed mid-reconstruction"
+    done_at_kill = len(json.loads(progress.read_text())["done"])
+    resumed = subprocess.run([*job, str(tmp_path / "w"), str(tmp_path / "resumed.safetensors")], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(tmp_path / "resumed.safetensors"), "pt") as f:
+        assert int(f.metadata()["resumed"]) == done_at_kill >= 3
+    a, b = load_file(str(tmp_path / "ref.safetensors")), load_file(str(tmp_path / "resumed.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+def test_finished_reconstruction_is_reused_without_work(tmp_path):
+    net, q, calib, qcfg, rcfg = setup(iters=10)
+    reconstruct(net, q, calib, qcfg, rcfg, work_dir=tmp_path / "w", progress=False)
+    net2, q2, calib2, _, _ = setup(iters=10)
+    rep = reconstruct(net2, q2, calib2, qcfg, rcfg, work_dir=tmp_path / "w", progress=False)
+    assert rep["resumed_steps"] == len(rep["steps"]) and rep["seconds_optimize"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(q.state_dict().values(), q2.state_dict().values()))
