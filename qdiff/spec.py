@@ -43,6 +43,16 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse mixed precisions the device cannot run (Lightning would silently switch 16-mixed to bf16 on CPU)."""
+    if precision == "16-mixed" and device.type != "cuda":
+        raise ConfigError(f"recon.precision=16-mixed needs a CUDA device (Lightning has no fp16 AMP on {device.type}); "
+                          "use bf16-mixed or 32-true")
+    if precision == "bf16-mixed" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"recon.precision=bf16-mixed: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                          "use 16-mixed or 32-true")
+
+
 def build_spec(cfg) -> RunSpec:
     """Typed, validated settings from a composed Hydra config (a DictConfig or a plain dict)."""
     from omegaconf import DictConfig, OmegaConf
@@ -54,7 +64,8 @@ def build_spec(cfg) -> RunSpec:
     check_model_name(model.name)
     sampler = config_from_dict(SamplerConfig, c.get("sampler"), "sampler")
     calib = config_from_dict(CalibConfig, c.get("calib"), "calib").resolve(sampler.steps)
-    if calib.c > calib.T:
+    quant = config_from_dict(QuantConfig, c.get("quant"), "quant")
+    if quant.enabled and calib.c > calib.T:  # FP runs collect no calibration data
         raise ConfigError(f"calib.c ({calib.c}) must be <= calib.T ({calib.T})")
     seed = c.get("seed", 0)
     if not isinstance(seed, int) or seed < 0:
@@ -62,15 +73,18 @@ def build_spec(cfg) -> RunSpec:
     paths = c.get("paths") or {}
     if "output_dir" not in paths:
         raise ConfigError("paths.output_dir is not set")
+    device = resolve_device(str(c.get("device", "auto")))
+    recon = config_from_dict(ReconConfig, c.get("recon"), "recon")
+    check_precision(recon.precision, device)
     return RunSpec(
         model=model,
         sampler=sampler,
-        quant=config_from_dict(QuantConfig, c.get("quant"), "quant"),
+        quant=quant,
         calib=calib,
-        recon=config_from_dict(ReconConfig, c.get("recon"), "recon"),
+        recon=recon,
         eval=config_from_dict(EvalConfig, c.get("eval"), "eval"),
         seed=seed,
-        device=resolve_device(str(c.get("device", "auto"))),
+        device=device,
         output_dir=Path(paths["output_dir"]),
         cache_dir=Path(paths.get("cache_dir") or Path(paths["output_dir"]) / "cache"),
         task_name=str(c.get("task_name", "qdiff")),

@@ -71,11 +71,12 @@ def test_bad_values_raise_config_error(override, message, compose_cfg):
     (["sampler.steps=0"], "error: sampler.steps must be > 0"),
     (["eval.n_samples=-3"], "error: eval.n_samples must be >= 2"),
     (["quant.weight_bits=12"], "error: quant.weight_bits must be an integer in 2..8"),
-    (["calib.c=101"], "error: calib.c (101) must be <= calib.T (100)"),
+    (["calib.c=11"], "error: calib.c (11) must be <= calib.T (10)"),
     (["calib.n=0"], "error: calib.n must be > 0"),
 ])
 def test_cli_rejects_bad_input_in_one_line_before_any_work(args, message, tmp_path):
-    r = run_cli([*args, *TINY, f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path, timeout=120)
+    # the bad value comes last so that no TINY override replaces it
+    r = run_cli([*TINY, f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}", *args], tmp_path, timeout=120)
     assert r.returncode != 0
     assert message in r.stderr
     assert "Traceback" not in r.stderr

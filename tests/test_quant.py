@@ -98,6 +98,22 @@ def test_plain_module_unet_quantizes_runs_and_finds_its_skip_concat():
     assert all(not isinstance(m, QuantLayer) for m in net.modules()), "the original model is untouched"
 
 
+def test_activation_quantizers_are_active_after_init_and_change_outputs():
+    from qdiff.quant import act_quantizers
+
+    torch.manual_seed(0)
+    net = TinyUNet().eval()
+    x, t = _calib()
+    w4a32 = qdiff.quantize(net, QuantConfig(method="linear", weight_bits=4, act_bits=32), (x, t), progress=False)
+    w4a4 = qdiff.quantize(net, QuantConfig(method="linear", weight_bits=4, act_bits=4), (x, t), progress=False)
+    qs = act_quantizers(w4a4)
+    assert qs and all(q.active and q._ready for _, q in qs)
+    assert not act_quantizers(w4a32)
+    with torch.no_grad():
+        ref, a, b = net(x[:8], t[:8]), w4a32(x[:8], t[:8]), w4a4(x[:8], t[:8])
+    assert ((b - ref) ** 2).mean() > 1.5 * ((a - ref) ** 2).mean(), "4-bit activations must add error"
+
+
 def test_diffusers_unet_split_detection_finds_exactly_the_up_block_concats():
     from qdiff.models.digits import build_digits_unet
 

@@ -61,7 +61,6 @@ def init_act_quantizers(model: nn.Module, forward: ForwardFn, calib, method: str
     finally:
         for h in hooks:
             h.remove()
-        set_act_quant(model, True)
     ranges = {}
     for name, q in qs:
         s = stats[name]
@@ -71,4 +70,5 @@ def init_act_quantizers(model: nn.Module, forward: ForwardFn, calib, method: str
         sample = torch.cat(s.samples).to(q.scale.device)
         q.init_from(sample, method, p, x_min=s.min.to(sample.device), x_max=s.max.to(sample.device))
         ranges[name] = (float(s.min), float(s.max))
+    set_act_quant(model, True)  # every initialised quantizer on
     return ranges
