@@ -1,4 +1,6 @@
 """qdiff entry point: ``python run.py model=digits quant=w4a8`` (see README and conf/)."""
+import os
+
 import hydra
 from omegaconf import DictConfig
 
@@ -11,4 +13,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    # paths.root_dir (conf/paths/default.yaml); jobs on SLURM or submitit inherit it with the environment.
+    os.environ["QDIFF_RUN_CWD"] = os.getcwd()
     main()

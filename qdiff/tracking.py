@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,9 @@ class NullTracker:
 
     run = None
 
-    def start(self, config: dict, output_dir: Path) -> None:
-        pass
+    def start(self, config: dict, output_dir: Path, group: str | None = None, name: str | None = None,
+              tags: list[str] | None = None) -> None:
+        """Open the run; ``group``/``name``/``tags`` are launch-dependent defaults (see ``qdiff.cli.run_context``)."""
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         pass
@@ -22,7 +24,7 @@ class NullTracker:
     def log_image(self, key: str, path: Path, caption: str = "") -> None:
         pass
 
-    def log_table(self, key: str, csv_path: Path) -> None:
+    def log_table(self, key: str, csv_path: Path, curve: tuple[str, str] | None = None) -> None:
         pass
 
     def lightning_logger(self):
@@ -45,11 +47,22 @@ class WandbTracker(NullTracker):
         self.kw = dict(project=project, mode=mode, entity=entity, group=group, job_type=job_type,
                        tags=[str(t) for t in (tags or [])], name=name, notes=notes)
 
-    def start(self, config: dict, output_dir: Path) -> None:
+    def start(self, config: dict, output_dir: Path, group: str | None = None, name: str | None = None,
+              tags: list[str] | None = None) -> None:
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
-        self.run = wandb.init(dir=str(output_dir), config=config, reinit="finish_previous", **self.kw)
+        kw = dict(self.kw)
+        kw["group"] = kw["group"] or group
+        kw["name"] = kw["name"] or name
+        kw["tags"] = list(dict.fromkeys([*kw["tags"], *(str(t) for t in tags or [])]))
+        if not os.environ.get("WANDB_RUN_ID"):  # a W&B sweep agent chooses its own run ids
+            # A requeued job (preemption, time-out) continues the same W&B run instead of starting a new one.
+            id_file = Path(output_dir) / "wandb_run_id"
+            if not id_file.exists():
+                id_file.write_text(uuid.uuid4().hex[:12])
+            kw.update(id=id_file.read_text().strip(), resume="allow")
+        self.run = wandb.init(dir=str(output_dir), config=config, reinit="finish_previous", **kw)
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         flat = {k: v for k, v in _flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -62,11 +75,16 @@ class WandbTracker(NullTracker):
 
         self.run.log({key: wandb.Image(str(path), caption=caption)})
 
-    def log_table(self, key: str, csv_path: Path) -> None:
+    def log_table(self, key: str, csv_path: Path, curve: tuple[str, str] | None = None) -> None:
+        """A CSV as a W&B table; ``curve=(x, y)`` also logs it as a native line chart (``step_mse_table`` -> ``step_mse_curve``)."""
         import pandas as pd
         import wandb
 
-        self.run.log({key: wandb.Table(dataframe=pd.read_csv(csv_path))})
+        table = wandb.Table(dataframe=pd.read_csv(csv_path))
+        logged = {key: table}
+        if curve is not None:
+            logged[key.removesuffix("_table") + "_curve"] = wandb.plot.line(table, curve[0], curve[1], title=f"{curve[1]} vs {curve[0]}")
+        self.run.log(logged)
 
     def lightning_logger(self):
         from pytorch_lightning.loggers import WandbLogger

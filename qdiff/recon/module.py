@@ -8,6 +8,7 @@ device placement and precision.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytorch_lightning as pl
@@ -110,13 +111,20 @@ def trainer_for(steps: int, device: torch.device, precision: str, progress: bool
     if SLURMEnvironment.detect():
         # submitit (or the user's own script) handles requeue; Lightning's own SLURM requeue stays off.
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    return pl.Trainer(
+    trainer = pl.Trainer(
         max_steps=steps, max_epochs=-1, accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=[device.index or 0] if device.type == "cuda" else 1, precision=precision, logger=logger,
         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
         enable_progress_bar=progress, log_every_n_steps=max(1, min(50, steps)), plugins=plugins,
         limit_val_batches=0, use_distributed_sampler=False,
     )
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        # Under submitit, SIGTERM (sent first on preemption) must be ignored: submitit's USR2 handler checkpoints
+        # and requeues the job. Lightning 2.x chains its own SIGTERM handler in front of submitit's even with
+        # auto_requeue=False, and its loops then raise SIGTERMException at the next step, ending a preempted
+        # job instead of letting it be requeued. So Lightning installs no signal handlers in submitit jobs.
+        trainer._signal_connector.register_signal_handlers = lambda: None
+    return trainer
 
 
 def log10_safe(x: float) -> float:

@@ -1,0 +1,167 @@
+"""Paper-style tables from the job rows: method x bits (+ the axes a sweep varies), FP reference rows, cost."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+METHOD_NAMES = {"fp": "Full precision", "linear": "Linear quant", "qdiff": "Q-Diffusion"}
+METHOD_ORDER = {"fp": 0, "linear": 1, "qdiff": 2}
+# Settings that define which FP reference a quantized run compares against.
+CONTEXT = ["model", "sampler", "steps", "n_samples", "seed"]
+# Settings an ablation may vary; a column appears in the table only when it takes more than one value.
+AXES = ["model", "sampler", "steps", "n_samples", "seed", "calib_mode", "calib_c", "calib_n", "split"]
+AXIS_NAMES = {"model": "Model", "sampler": "Sampler", "steps": "Steps", "n_samples": "Samples", "seed": "Seed",
+              "calib_mode": "Calibration", "calib_c": "c", "calib_n": "n", "split": "Split"}
+NUMERIC = ["fid", "is", "is_std", "fp_fid", "fp_is", "fp_is_std", "recon_seconds", "total_seconds", "peak_rss_mb",
+           "peak_gpu_mb", "resumed_steps", "step_mse_mean", "step_mse_last", "weight_bits", "act_bits", "restarts"]
+
+
+def normalise(df: pd.DataFrame) -> pd.DataFrame:
+    """Columns every later step may rely on, with numeric types and a bits label."""
+    df = df.copy()
+    for c in ["sweep", "job", "state", "detail", "overrides", "dir", "method", "label", "slurm_id", *AXES, *NUMERIC]:
+        if c not in df:
+            df[c] = None
+    for c in NUMERIC:
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    df["job"] = pd.to_numeric(df["job"], errors="coerce").astype("Int64")
+
+    def label(r) -> str:
+        if isinstance(r["label"], str) and r["label"]:
+            return r["label"]
+        if r["method"] == "fp":
+            return "W32A32"
+        if pd.notna(r["weight_bits"]) and pd.notna(r["act_bits"]):
+            return f"W{int(r['weight_bits'])}A{int(r['act_bits'])}"
+        return "?"
+
+    df["label"] = df.apply(label, axis=1) if len(df) else []
+    return df
+
+
+def varying_axes(df: pd.DataFrame) -> list[str]:
+    return [c for c in AXES if df[c].astype(str).where(df[c].notna()).nunique(dropna=True) > 1]
+
+
+def _bits(r) -> str:
+    if r["method"] == "fp":
+        return "32/32"
+    w, a = r["weight_bits"], r["act_bits"]
+    return f"{int(w)}/{int(a)}" if pd.notna(w) and pd.notna(a) else "?"
+
+
+def paper_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per job plus an FP row per reference context; never drops a job (unfinished rows keep their state)."""
+    df = normalise(df)
+    axes = varying_axes(df)
+    rows = df.to_dict("records")
+    # FP reference rows from the quantized runs' "fp" fields, unless an explicit FP job covers that context.
+    done = df[df["state"] == "completed"]
+    explicit = {tuple(r[c] for c in CONTEXT) for r in rows if r["method"] == "fp" and r["state"] == "completed"}
+    fp_rows = []
+    quant_done = done[done["method"] != "fp"]
+    if len(quant_done):
+        for key, g in quant_done.groupby(CONTEXT, dropna=False, sort=False):
+            if tuple(key) in explicit or g["fp_fid"].isna().all():
+                continue
+            first = g.iloc[0]
+            fp_rows.append({**{c: first[c] for c in CONTEXT}, "method": "fp", "weight_bits": 32, "act_bits": 32,
+                            "label": "W32A32", "fid": g["fp_fid"].mean(), "is": g["fp_is"].mean(),
+                            "is_std": g["fp_is_std"].mean(), "fp_fid": g["fp_fid"].mean(), "state": "reference",
+                            "detail": f"FP reference of {len(g)} run(s)", "sweep": first["sweep"], "job": pd.NA, "dir": ""})
+    t = pd.DataFrame(rows + fp_rows)
+    t["bits"] = t.apply(_bits, axis=1)
+    t["fid_delta"] = t["fid"] - t["fp_fid"]
+    t.loc[t["method"] == "fp", "fid_delta"] = float("nan")
+    t["recovered"] = float("nan")
+    others = [c for c in axes if c not in CONTEXT] + CONTEXT
+    lin = t[(t["method"] == "linear") & t["fid"].notna()]
+    for i, r in t[(t["method"] == "qdiff") & t["fid"].notna() & t["fp_fid"].notna()].iterrows():
+        m = lin[(lin["weight_bits"] == r["weight_bits"]) & (lin["act_bits"] == r["act_bits"])]
+        for c in others:
+            m = m[m[c].astype(str) == str(r[c])]
+        if len(m):
+            gap = m["fid"].mean() - r["fp_fid"]
+            if gap > 0:
+                t.at[i, "recovered"] = (m["fid"].mean() - r["fid"]) / gap
+
+    def order(r) -> tuple:
+        return (_k(r["model"]), -_f(r["act_bits"]), -_f(r["weight_bits"]), *[_k(r[c]) for c in axes if c != "model"],
+                METHOD_ORDER.get(r["method"], 9), _f(r["job"], -1))
+
+    t = t.iloc[sorted(range(len(t)), key=lambda i: order(t.iloc[i]))]
+    cols = ["model", "method", "bits", "weight_bits", "act_bits", *[c for c in axes if c != "model"], "fid", "is",
+            "is_std", "fp_fid", "fid_delta", "recovered", "recon_seconds", "total_seconds", "peak_rss_mb", "state",
+            "detail", "sweep", "job", "dir"]
+    return t[cols].reset_index(drop=True)
+
+
+def _f(v, default: float = 0.0) -> float:
+    try:
+        return default if v is None or v is pd.NA or pd.isna(v) else float(v)
+    except (TypeError, ValueError):
+        return default
+
+
+def _k(v) -> tuple:
+    """Sort key for mixed values: numbers by value, then strings, missing last."""
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+        return (2, 0.0, "")
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (0, float(v), "")
+    return (1, 0.0, str(v))
+
+
+def _num(v, fmt: str = "{:.2f}") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
+        return "—"
+    return fmt.format(v)
+
+
+def display_table(t: pd.DataFrame) -> pd.DataFrame:
+    """The paper table with formatted strings (Markdown / HTML)."""
+    axes = [c for c in t.columns if c in AXES and c != "model"]
+    out = pd.DataFrame({
+        "Model": t["model"].fillna("?"),
+        "Method": t["method"].map(lambda m: METHOD_NAMES.get(m, m or "?")),
+        "Bits (W/A)": t["bits"],
+        **{AXIS_NAMES[c]: t[c].map(lambda v: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+           for c in axes},
+        "FID↓": t["fid"].map(_num),
+        "IS↑": [(_num(a) + (f" ± {b:.2f}" if pd.notna(b) else "")) if pd.notna(a) else "—" for a, b in zip(t["is"], t["is_std"])],
+        "ΔFID vs FP": t["fid_delta"].map(lambda v: _num(v, "{:+.2f}")),
+        "Recovered": t["recovered"].map(lambda v: _num(100 * v, "{:.0f}%") if pd.notna(v) else "—"),
+        "Recon (s)": t["recon_seconds"].map(lambda v: _num(v, "{:.0f}")),
+        "Total (s)": t["total_seconds"].map(lambda v: _num(v, "{:.0f}")),
+        "Peak RSS (MB)": t["peak_rss_mb"].map(lambda v: _num(v, "{:.0f}")),
+        "State": t["state"],
+    })
+    return out
+
+
+def jobs_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Every job (expected or found): where it is, what it ran, how it ended."""
+    df = normalise(df)
+    cols = ["sweep", "job", "state", "detail", "method", "label", "overrides", "fid", "restarts", "slurm_id", "dir"]
+    df = df.iloc[sorted(range(len(df)), key=lambda i: (_k(df["sweep"].iloc[i]), _f(df["job"].iloc[i], -1)))]
+    return df[cols].reset_index(drop=True)
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub Markdown table (no extra dependency)."""
+    def cell(v) -> str:
+        s = "" if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) else str(v)
+        return s.replace("|", "\\|").replace("\n", " ")
+
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    sep = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in r) + " |" for r in df.itertuples(index=False)]
+    return "\n".join([head, sep, *body])
+
+
+def state_counts(df: pd.DataFrame) -> dict[str, int]:
+    from qdiff.report.collect import STATES
+
+    counts = df["state"].value_counts().to_dict() if len(df) else {}
+    return {s: int(counts[s]) for s in [*STATES, *sorted(set(counts) - set(STATES))] if counts.get(s)}
