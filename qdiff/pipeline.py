@@ -72,21 +72,29 @@ def preflight(spec: RunSpec) -> dict:
     out: dict = {}
     if (spec.output_dir / "metrics.json").exists():
         raise ConfigError(f"{spec.output_dir} already holds a finished run; refusing to overwrite it")
+    from qdiff.models.paper import PAPER_MODELS, check_source
+
+    paper = PAPER_MODELS.get(spec.model.name)
+    if paper is not None:
+        check_source(spec.model)  # weights first: a missing model is the one thing to fix before anything else
     if eval_kind(spec.model.name) == "inception" and (spec.eval.fid or spec.eval.isc):
         from qdiff.eval.fidelity import resolve_inception_weights
 
         out["inception_weights"] = resolve_inception_weights(spec.eval.inception_weights, spec.cache_dir / "eval")
         if spec.eval.fid and spec.model.reference is None:
             raise ConfigError(f"{spec.model.name}: FID needs real images; set model.reference=/path/to/images (or eval.fid=false)")
-    from qdiff.models.paper import PAPER_MODELS
-
-    paper = PAPER_MODELS.get(spec.model.name)
     if paper is not None and paper.text is not None:
         if spec.model.prompts is None:
             raise ConfigError(f"{spec.model.name} is text-guided: set model.prompts=/path/to/captions (COCO JSON/TSV/TXT)")
         from qdiff.models.prompts import load_captions
 
         load_captions(spec.model.prompts)
+        if spec.eval.clip_score:
+            from qdiff.eval.clip import resolve_clip_model
+
+            out["clip"] = resolve_clip_model(spec.eval.clip_model)
+            if out["clip"][1]:
+                log.warning("CLIP score will be skipped: %s", out["clip"][1])
     if spec.model.name == "digits" and spec.eval.digits_classifier is not None:
         if not Path(spec.eval.digits_classifier).is_file():
             raise ConfigError(f"eval.digits_classifier not found: {spec.eval.digits_classifier}")
@@ -119,11 +127,16 @@ def run(cfg, tracker: NullTracker | None = None) -> tuple[dict, dict]:
 
     if spec.quant.enabled:
         # calibration data
+        from qdiff.cachelock import cache_lock
         from qdiff.calib import collect_calibration
+        from qdiff.calib.data import calibration_key
 
         with st("calib_data"):
             calib_prompts = _prompts(model, spec, spec.calib.n if spec.calib.mode == "uniform" else spec.calib.N, spec.calib.seed)
-            calib, hit = collect_calibration(model, spec.sampler, spec.calib, spec.cache_dir, spec.device, calib_prompts)
+            # concurrent jobs of a sweep share the cache: one collects, the others wait and reuse it
+            with cache_lock(spec.cache_dir / "calib" / f"{calibration_key(model, spec.sampler, spec.calib, calib_prompts)}.lock",
+                            "calibration data"):
+                calib, hit = collect_calibration(model, spec.sampler, spec.calib, spec.cache_dir, spec.device, calib_prompts)
         extra["calibration"] = {"N": len(calib), "entries": calib.n_entries, "cache_hit": hit, "key": calib.meta["key"],
                                 "T": spec.calib.T, "c": spec.calib.c, "n": spec.calib.n, "mode": spec.calib.mode}
         objects["calib"] = calib
@@ -141,14 +154,14 @@ def run(cfg, tracker: NullTracker | None = None) -> tuple[dict, dict]:
 
                 init_act_quantizers(qunet, forward, calib, spec.quant.resolved_scale_method, spec.quant.lp,
                                     seed=spec.recon.seed, device=spec.device)
-        extra["quant"] = _quant_summary(specs)
+        extra["quant_layers"] = _quant_summary(specs)
 
         # reconstruct
         if spec.quant.method == "qdiff":
             from qdiff.recon import reconstruct
 
             work_dir = spec.cache_dir / "recon" / recon_key(model, spec, extra["calibration"]["key"], specs)
-            with st("reconstruct"):
+            with st("reconstruct"), cache_lock(work_dir.with_name(work_dir.name + ".lock"), "reconstruction"):
                 extra["reconstruction"] = reconstruct(
                     model.unet, qunet, calib, spec.quant, spec.recon, forward=forward, device=spec.device,
                     work_dir=work_dir, logger=tracker.lightning_logger())
@@ -178,9 +191,20 @@ def run(cfg, tracker: NullTracker | None = None) -> tuple[dict, dict]:
 
     with st("evaluate"):
         scores = score(samples)
+        fp_samples = None
         if spec.quant.enabled:
             fp_samples, fp_hit = fp_reference(model, spec, prompts)
             extra["fp"] = {**score(fp_samples), "cache_hit": fp_hit}
+        if model.is_text_guided:
+            from qdiff.eval.text import evaluate_text
+
+            text = evaluate_text(model, unet, spec, prompts, samples, fp_samples, out_dir, pre.get("clip", (None, None)),
+                                 tracker)
+            if "clip_score" in text:
+                scores["clip_score"] = text["clip_score"]
+            if "fp_clip_score" in text:
+                extra["fp"]["clip_score"] = text["fp_clip_score"]
+            extra["text_eval"] = text["text_eval"]
         if spec.quant.enabled and spec.eval.analysis:
             extra["analysis"] = _analysis(model, unet, spec, prompts, out_dir, tracker)
 
@@ -276,7 +300,7 @@ def _analysis(model, qunet, spec: RunSpec, prompts, out_dir: Path, tracker) -> d
     ranges = activation_ranges(model, model.unet, spec.sampler, min(n, 16), spec.seed, spec.device, prompts)
     ranges.to_csv(out_dir / "act_ranges.csv", index=False)
     plot_activation_ranges(ranges, out_dir / "act_ranges.png")
-    tracker.log_table("step_mse", out_dir / "step_mse.csv")
+    tracker.log_table("step_mse_table", out_dir / "step_mse.csv", curve=("step", "mse_accumulated"))
     tracker.log_image("step_mse", out_dir / "step_mse.png")
     tracker.log_image("act_ranges", out_dir / "act_ranges.png")
     return {"step_mse_mean": float(mse["mse_accumulated"].mean()), "step_mse_last": float(mse["mse_accumulated"].iloc[-1]),

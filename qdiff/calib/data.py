@@ -1,9 +1,9 @@
 """Timestep-aware calibration data (paper §3.2, Algorithm 1), collected once and cached on disk.
 
 The FP sampler runs for T steps; the inputs of the kept steps (x_t, t and the conditioning, including
-the unconditional branch of classifier-free guidance) are written into memory-mapped ``.npy`` files as
-they are produced, so neither collection nor later use holds the whole set in RAM. A set is keyed by
-everything that determines it and reused by any run with the same key.
+the unconditional branch of classifier-free guidance) are written into ``.npy`` files as they are
+produced and read back memory-mapped, so neither collection nor later use holds the whole set in RAM.
+A set is keyed by everything that determines it and reused by any run with the same key.
 """
 from __future__ import annotations
 
@@ -88,6 +88,27 @@ class _StopSampling(Exception):
     pass
 
 
+class _RowWriter:
+    """An ``.npy`` file of shape ``(N, *row)`` filled in contiguous row slices by positioned writes.
+
+    A writable memmap would keep every written page mapped, so the process's resident memory would grow
+    with the set; writes leave the pages to the kernel's page cache, which flushes and evicts them.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...]) -> None:
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)  # header; data stays sparse
+        self.offset, self.row_bytes = mm.offset, int(np.prod(shape[1:], dtype=np.int64)) * 4
+        del mm
+        self.f = open(path, "r+b")
+
+    def write(self, rows: slice, values: np.ndarray) -> None:
+        self.f.seek(self.offset + rows.start * self.row_bytes)
+        self.f.write(memoryview(np.ascontiguousarray(values, dtype=np.float32)).cast("B"))
+
+    def close(self) -> None:
+        self.f.close()
+
+
 @torch.no_grad()
 def collect_calibration(model: DiffusionModel, sampler: SamplerConfig, calib: CalibConfig, cache_dir: Path,
                         device: torch.device | str = "cpu", prompts: Sequence[str] | None = None,
@@ -111,10 +132,10 @@ def collect_calibration(model: DiffusionModel, sampler: SamplerConfig, calib: Ca
         n_traj = calib.N
     N = n_traj * len(kept)
     kept_pos = {s: k for k, s in enumerate(kept)}
-    x_mm = np.lib.format.open_memmap(root / "x.npy", mode="w+", dtype=np.float32, shape=(N, *model.sample_shape))
+    x_out = _RowWriter(root / "x.npy", (N, *model.sample_shape))
     t_arr = np.zeros(N, dtype=np.int64)
     step_arr = np.zeros(N, dtype=np.int64)
-    cond_mm = None
+    cond_out = None
     text_prompts = list(prompts) if prompts is not None else None
     if model.is_text_guided and (text_prompts is None or len(text_prompts) < n_traj):
         raise ValueError(f"{model.name}: calibration needs {n_traj} prompts")
@@ -123,20 +144,20 @@ def collect_calibration(model: DiffusionModel, sampler: SamplerConfig, calib: Ca
     for start in range(0, n_traj, calib.batch_size):
         end = min(n_traj, start + calib.batch_size)
         cond, uncond = prompt_conditioning(model, text_prompts[start:end] if text_prompts else [], device)
-        if cond is not None and cond_mm is None:
+        if cond is not None and cond_out is None:
             e = cond["encoder_hidden_states"]
-            cond_mm = np.lib.format.open_memmap(root / "cond.npy", mode="w+", dtype=np.float32, shape=(N, *e.shape[1:]))
+            cond_out = _RowWriter(root / "cond.npy", (N, *e.shape[1:]))
             np.save(root / "uncond.npy", uncond["encoder_hidden_states"][:1].float().cpu().numpy())
 
         def on_step(i, t, x_in, cond_, _uncond, start=start, end=end):
             if i not in kept_pos:
                 return
             rows = slice(kept_pos[i] * n_traj + start, kept_pos[i] * n_traj + end)
-            x_mm[rows] = x_in.float().cpu().numpy()
+            x_out.write(rows, x_in.float().cpu().numpy())
             t_arr[rows] = t.cpu().numpy()
             step_arr[rows] = i
             if cond_ is not None:
-                cond_mm[rows] = cond_["encoder_hidden_states"].float().cpu().numpy()
+                cond_out.write(rows, cond_["encoder_hidden_states"].float().cpu().numpy())
             if i == kept[-1]:
                 raise _StopSampling
 
@@ -147,11 +168,9 @@ def collect_calibration(model: DiffusionModel, sampler: SamplerConfig, calib: Ca
             pass
         bar.update(end - start)
     bar.close()
-    x_mm.flush()
-    del x_mm
-    if cond_mm is not None:
-        cond_mm.flush()
-        del cond_mm
+    x_out.close()
+    if cond_out is not None:
+        cond_out.close()
     np.save(root / "t.npy", t_arr)
     np.save(root / "step.npy", step_arr)
     write_json(root / "meta.json", {"key": key, "calib": asdict(calib), "sampler": asdict(csampler), "model": model.name,

@@ -1,9 +1,12 @@
 """Typed evaluation settings (the ``eval/`` config group)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qdiff.errors import ConfigError
+
+#: The prompts of the paper's Stable Diffusion figures (Figures 9 and 10).
+PAPER_PROMPTS = ("A puppy wearing a hat.", "Cluttered house in the woods in anime oil painting style.")
 
 
 @dataclass
@@ -31,6 +34,18 @@ class EvalConfig:
     analysis: bool = True
     #: Images followed by the per-step MSE analysis.
     analysis_batch: int = 64
+    #: Text-guided models: fixed prompts drawn side by side as ``prompts_grid.png`` (one row per prompt: FP
+    #: images, then quantized ones from the same noise). Default: the paper's Figure 9/10 prompts; [] = no grid.
+    prompts_grid: list = field(default_factory=lambda: list(PAPER_PROMPTS))
+    #: Images per prompt and per model in that grid.
+    prompts_grid_n: int = 4
+    #: Text-guided models: CLIP score (torchmetrics' CLIPScore, 100 x image-text cosine similarity) of the
+    #: samples against their prompts, for the quantized and the FP model. Null in metrics.json when the
+    #: CLIP weights cannot be found (a one-line note is logged; the run goes on).
+    clip_score: bool = True
+    #: CLIP weights: a local folder (a transformers CLIPModel + CLIPProcessor saved with save_pretrained) or a
+    #: hub id, taken from the local hub cache when offline.
+    clip_model: str = "openai/clip-vit-large-patch14"
 
     def __post_init__(self) -> None:
         if self.n_samples < 2:
@@ -39,3 +54,13 @@ class EvalConfig:
             raise ConfigError("eval.batch_size and eval.analysis_batch must be > 0 and eval.grid_size >= 0")
         if self.isc_splits <= 0 or self.isc_splits > self.n_samples:
             raise ConfigError(f"eval.isc_splits must be in [1, n_samples], got {self.isc_splits}")
+        if self.prompts_grid is None:
+            self.prompts_grid = []
+        if not isinstance(self.prompts_grid, (list, tuple)) or \
+                not all(isinstance(p, str) and p.strip() for p in self.prompts_grid):
+            raise ConfigError(f"eval.prompts_grid must be a list of non-empty prompts, got {self.prompts_grid!r}")
+        self.prompts_grid = [p.strip() for p in self.prompts_grid]
+        if not isinstance(self.prompts_grid_n, int) or self.prompts_grid_n < 1:
+            raise ConfigError(f"eval.prompts_grid_n must be >= 1, got {self.prompts_grid_n!r}")
+        if not isinstance(self.clip_model, str) or not self.clip_model.strip():
+            raise ConfigError("eval.clip_model must name CLIP weights (a local folder or a hub id)")

@@ -621,6 +621,44 @@ def _check_cfg(spec: PaperModel, cfg: ModelConfig) -> None:
         raise WeightsNotFoundError(f"{spec.name}: model.prompts '{cfg.prompts}' does not exist; point it at a COCO captions JSON, TSV or TXT file")
 
 
+def _no_weights(spec: PaperModel) -> WeightsNotFoundError:
+    return WeightsNotFoundError(
+        f"{spec.name}: no weights configured. Download {spec.weights_hint} and set model.source=/path/to/model.ckpt, "
+        "or use model.random_init=true for a smoke test."
+    )
+
+
+def _hub_cached(source: str, subfolders: tuple[str, ...]) -> bool:
+    """Whether the hub cache holds the config of one of ``subfolders`` of repo ``source`` (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for sub in subfolders:
+        try:
+            hit = try_to_load_from_cache(source, f"{sub}/config.json" if sub else "config.json")
+        except ValueError:  # not a valid repo id
+            return False
+        if isinstance(hit, str):
+            return True
+    return False
+
+
+def check_source(cfg: ModelConfig) -> None:
+    """The cheap checks of :func:`load_paper_model`, run before any work: a missing local file, no configured
+    weights, or a hub id that is neither cached nor reachable fails here in one line naming the weights."""
+    spec = _spec(cfg.name)
+    _check_cfg(spec, cfg)
+    resolve_arch(spec.name, cfg.arch)
+    if cfg.random_init:
+        return
+    source = cfg.source or spec.default_source
+    if source is None:
+        raise _no_weights(spec)
+    kind, _ = _source_kind(spec.name, source)
+    if kind == "hub" and not _hub_cached(source, spec.subfolders.get("unet", ("unet",))):
+        if cfg.local_files_only or _hub_offline() or not _hub_reachable():
+            raise _not_found(spec.name, source, spec.source_hint)
+
+
 def load_paper_model(cfg: ModelConfig) -> DiffusionModel:
     """Build paper model ``cfg.name`` from ``cfg.source`` (or its default), or with random weights."""
     spec = _spec(cfg.name)
@@ -631,10 +669,7 @@ def load_paper_model(cfg: ModelConfig) -> DiffusionModel:
         parts = _random_init(spec, arch)
         source = "random_init"
     elif source is None:
-        raise WeightsNotFoundError(
-            f"{spec.name}: no weights configured. Download {spec.weights_hint} and set model.source=/path/to/model.ckpt, "
-            "or use model.random_init=true for a smoke test."
-        )
+        raise _no_weights(spec)
     else:
         kind, where = _source_kind(spec.name, source)
         if kind != "original" and set(_plain(cfg.arch) or {}) - {"num_heads"}:
@@ -695,7 +730,7 @@ for _name in PAPER_MODELS:
 
 __all__ = [
     "PAPER_MODELS", "PaperModel", "Arch", "resolve_arch", "build_unet", "build_first_stage", "set_num_heads",
-    "char_tokenizer", "load_paper_model", "n_params",
+    "char_tokenizer", "load_paper_model", "check_source", "n_params",
     "DDPM_CIFAR10_UNET", "LDM_BEDROOM_UNET", "LDM_BEDROOM_VQ", "LDM_CHURCH_UNET", "LDM_CHURCH_KL",
     "SD14_UNET", "SD14_VAE", "SD14_TEXT",
 ]
