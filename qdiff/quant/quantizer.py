@@ -71,7 +71,7 @@ def search_range(x: torch.Tensor, bits: int, symmetric: bool, channel_axis: int 
         x_max = x.amax() if dims is None else x.amax(dim=dims, keepdim=True)
     x_min, x_max = x_min.reshape(shape).float(), x_max.reshape(shape).float()
     x = x.float()
-    if method == "minmax":
+    if method == "minmax" or x.is_meta:  # meta tensors (structure checks of full-size models) have no values to search
         return scale_zero_point(x_min, x_max, bits, symmetric)
     if method != "mse":
         raise ValueError(f"unknown scale method '{method}'")
