@@ -5,12 +5,13 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
 from qdiff.errors import CheckpointError
 
-__all__ = ["CheckpointError", "load_state_dict_file", "load_into", "write_json"]
+__all__ = ["CheckpointError", "load_state_dict_file", "load_into", "write_json", "NpyRowWriter", "read_rows"]
 
 
 def load_state_dict_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -89,3 +90,33 @@ def _json_default(o: object) -> object:
     if hasattr(o, "item"):
         return o.item()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class NpyRowWriter:
+    """An ``.npy`` file of shape ``(N, *row)`` filled in contiguous row slices by positioned writes.
+
+    A writable memmap would keep every written page mapped, so the process's resident memory would grow
+    with the set; writes leave the pages to the kernel's page cache, which flushes and evicts them.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...]) -> None:
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)  # header; data stays sparse
+        self.offset, self.row_bytes = mm.offset, int(np.prod(shape[1:], dtype=np.int64)) * 4
+        del mm
+        self.f = open(path, "r+b")
+
+    def write(self, rows: slice, values: np.ndarray) -> None:
+        self.f.seek(self.offset + rows.start * self.row_bytes)
+        self.f.write(memoryview(np.ascontiguousarray(values, dtype=np.float32)).cast("B"))
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def read_rows(array: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` of a (memory-mapped) array in request order, read in ascending order (kind to the page cache)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    order = np.argsort(idx, kind="stable")
+    inv = np.empty_like(order)
+    inv[order] = np.arange(len(order))
+    return np.ascontiguousarray(array[idx[order]])[inv]

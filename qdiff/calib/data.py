@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qdiff.calib.config import CalibConfig
-from qdiff.io import write_json
+from qdiff.io import NpyRowWriter, read_rows, write_json
 from qdiff.models.base import DiffusionModel, fingerprint
 from qdiff.sampling.config import SamplerConfig
 from qdiff.sampling.samplers import denoise, initial_noise, prompt_conditioning
@@ -49,14 +49,11 @@ class CalibrationSet:
         """Batch (x, t, cond) for input indices ``idx`` (indices >= n_entries are the unconditional branch)."""
         idx = np.asarray(idx, dtype=np.int64)
         entry = idx % self.n_entries
-        order = np.argsort(entry, kind="stable")          # sorted reads are kind to the page cache
-        inv = np.empty_like(order)
-        inv[order] = np.arange(len(order))
-        x = torch.from_numpy(np.ascontiguousarray(self.x[entry[order]]))[inv]
+        x = torch.from_numpy(read_rows(self.x, entry))
         t = torch.from_numpy(self.t[entry])
         cond: dict = {}
         if self.cond is not None:
-            c = torch.from_numpy(np.ascontiguousarray(self.cond[entry[order]]))[inv]
+            c = torch.from_numpy(read_rows(self.cond, entry))
             if self.uncond is not None:
                 is_u = torch.from_numpy(idx >= self.n_entries)
                 c = torch.where(is_u[:, None, None], torch.from_numpy(self.uncond).expand_as(c), c)
@@ -88,27 +85,6 @@ class _StopSampling(Exception):
     pass
 
 
-class _RowWriter:
-    """An ``.npy`` file of shape ``(N, *row)`` filled in contiguous row slices by positioned writes.
-
-    A writable memmap would keep every written page mapped, so the process's resident memory would grow
-    with the set; writes leave the pages to the kernel's page cache, which flushes and evicts them.
-    """
-
-    def __init__(self, path: Path, shape: tuple[int, ...]) -> None:
-        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)  # header; data stays sparse
-        self.offset, self.row_bytes = mm.offset, int(np.prod(shape[1:], dtype=np.int64)) * 4
-        del mm
-        self.f = open(path, "r+b")
-
-    def write(self, rows: slice, values: np.ndarray) -> None:
-        self.f.seek(self.offset + rows.start * self.row_bytes)
-        self.f.write(memoryview(np.ascontiguousarray(values, dtype=np.float32)).cast("B"))
-
-    def close(self) -> None:
-        self.f.close()
-
-
 @torch.no_grad()
 def collect_calibration(model: DiffusionModel, sampler: SamplerConfig, calib: CalibConfig, cache_dir: Path,
                         device: torch.device | str = "cpu", prompts: Sequence[str] | None = None,
@@ -132,7 +108,7 @@ def collect_calibration(model: DiffusionModel, sampler: SamplerConfig, calib: Ca
         n_traj = calib.N
     N = n_traj * len(kept)
     kept_pos = {s: k for k, s in enumerate(kept)}
-    x_out = _RowWriter(root / "x.npy", (N, *model.sample_shape))
+    x_out = NpyRowWriter(root / "x.npy", (N, *model.sample_shape))
     t_arr = np.zeros(N, dtype=np.int64)
     step_arr = np.zeros(N, dtype=np.int64)
     cond_out = None
@@ -146,7 +122,7 @@ def collect_calibration(model: DiffusionModel, sampler: SamplerConfig, calib: Ca
         cond, uncond = prompt_conditioning(model, text_prompts[start:end] if text_prompts else [], device)
         if cond is not None and cond_out is None:
             e = cond["encoder_hidden_states"]
-            cond_out = _RowWriter(root / "cond.npy", (N, *e.shape[1:]))
+            cond_out = NpyRowWriter(root / "cond.npy", (N, *e.shape[1:]))
             np.save(root / "uncond.npy", uncond["encoder_hidden_states"][:1].float().cpu().numpy())
 
         def on_step(i, t, x_in, cond_, _uncond, start=start, end=end):

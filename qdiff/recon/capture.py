@@ -18,19 +18,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qdiff.io import NpyRowWriter, read_rows
+
 
 class _Stop(Exception):
     pass
 
 
 class UnitCache:
-    """Per-sample tensors of one unit: named slots -> [N, ...] (RAM tensors or on-disk memmaps)."""
+    """Per-sample tensors of one unit: named slots -> [N, ...] (RAM tensors, or .npy files on disk that are
+    written with positioned writes and read back memory-mapped, so resident memory stays bounded)."""
 
     def __init__(self, n: int, storage: str, root: Path | None) -> None:
         self.n = n
         self.storage = storage
         self.root = root
         self.slots: dict[str, Any] = {}
+        self.writers: dict[str, NpyRowWriter] = {}
         self.cond_refs: dict[str, str] = {}    # slot -> calibration cond key it aliases
         self.constants: dict[str, Any] = {}    # non-batched call arguments
         self.arg_names: list[str] = []         # positional slots in order
@@ -43,28 +47,29 @@ class UnitCache:
 
     def write(self, slot: str, rows: slice, value: torch.Tensor) -> None:
         v = value.detach()
+        if self.storage == "disk":
+            if slot not in self.writers:
+                self.writers[slot] = NpyRowWriter(self.root / f"{slot}.npy", (self.n, *v.shape[1:]))
+                self.slots[slot] = None  # opened for reading once written
+            self.writers[slot].write(rows, v.float().cpu().numpy())
+            return
         if slot not in self.slots:
-            shape = (self.n, *v.shape[1:])
-            if self.storage == "disk":
-                self.slots[slot] = np.lib.format.open_memmap(self.root / f"{slot}.npy", mode="w+", dtype=np.float32, shape=shape)
-            else:
-                self.slots[slot] = torch.empty(shape, dtype=v.dtype, device=v.device)
-        store = self.slots[slot]
-        if isinstance(store, np.ndarray):
-            store[rows] = v.float().cpu().numpy()
-        else:
-            store[rows] = v
+            self.slots[slot] = torch.empty((self.n, *v.shape[1:]), dtype=v.dtype, device=v.device)
+        self.slots[slot][rows] = v
 
     def read(self, slot: str, idx: np.ndarray, device) -> torch.Tensor:
+        if self.storage == "disk":
+            if self.slots[slot] is None:
+                self.writers.pop(slot).close()
+                self.slots[slot] = np.load(self.root / f"{slot}.npy", mmap_mode="r")
+            return torch.from_numpy(read_rows(self.slots[slot], idx)).to(device)
         store = self.slots[slot]
-        if isinstance(store, np.ndarray):
-            order = np.argsort(idx, kind="stable")
-            inv = np.empty_like(order)
-            inv[order] = np.arange(len(order))
-            return torch.from_numpy(np.ascontiguousarray(store[idx[order]]))[inv].to(device)
         return store[torch.as_tensor(idx, device=store.device)].to(device)
 
     def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+        self.writers.clear()
         self.slots.clear()
         if self.storage == "disk" and self.root is not None and self.root.exists():
             shutil.rmtree(self.root)
