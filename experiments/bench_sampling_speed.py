@@ -1,0 +1,63 @@
+"""Simulated-quantization sampling cost vs FP on the digits model (target: quantized <= 1.5x FP).
+
+FP and quantized samplers run interleaved in one process (--repeats rounds, median reported) so that
+background load affects both alike. "W4A8 (no weight cache)" recomputes the fake-quantized weights on
+every forward, showing what the per-state weight cache buys. Prints a table, writes JSON.
+
+    python experiments/bench_sampling_speed.py [--n 256] [--steps 100] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from common import ROOT, print_table, write_json
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "sampling_speed")
+    args = p.parse_args()
+
+    import qdiff
+    from qdiff.models import ModelConfig, load_model
+    from qdiff.quant import quant_layers
+    from qdiff.sampling import SamplerConfig, generate, initial_noise
+
+    model = load_model(ModelConfig(name="digits"))
+    x = initial_noise(model, 256, 0)
+    t = torch.randint(0, 1000, (256,), generator=torch.Generator().manual_seed(0))
+    cfg = SamplerConfig(name="ddim", steps=args.steps, batch_size=args.n)
+    variants = {"FP": model.unet}
+    for bits in ("w8a32", "w4a32", "w4a8"):
+        wb, ab = int(bits[1]), int(bits[3:])
+        variants[bits.upper()] = qdiff.quantize(model.unet, qdiff.QuantConfig(method="linear", weight_bits=wb, act_bits=ab),
+                                                (x, t), progress=False)
+    nocache = qdiff.quantize(model.unet, qdiff.QuantConfig(method="linear", weight_bits=4, act_bits=8), (x, t), progress=False)
+    for _, layer in quant_layers(nocache):
+        layer.cache_weights = False
+    variants["W4A8 (no weight cache)"] = nocache
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(args.repeats):
+        for name, unet in variants.items():
+            t0 = time.perf_counter()
+            generate(model, unet, cfg, args.n, seed=r, progress=False)
+            times[name].append(time.perf_counter() - t0)
+            print(f"round {r} {name}: {times[name][-1]:.1f} s", flush=True)
+    fp = statistics.median(times["FP"])
+    rows = [{"model": k, "seconds": statistics.median(v), "vs_fp": statistics.median(v) / fp,
+             "per_step_ms": 1000 * statistics.median(v) / args.steps} for k, v in times.items()]
+    table = print_table(rows, ["model", "seconds", "vs_fp", "per_step_ms"],
+                        f"DDIM-{args.steps} sampling of {args.n} digits, {torch.get_num_threads()} threads, median of {args.repeats}")
+    write_json(args.out / "results.json", {"rows": rows, "raw": times, "table": table, "threads": torch.get_num_threads()})
+
+
+if __name__ == "__main__":
+    main()
