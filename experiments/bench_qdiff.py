@@ -32,7 +32,7 @@ def main() -> None:
         return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
     for bits in args.bits:
-        per_seed = []
+        per_seed, costs = [], None
         for seed in args.seeds:
             sfx = "" if seed == 0 else f"_seed{seed}"
             lin = run_one([f"quant={bits}", "quant.method=linear", f"seed={seed}"],
@@ -41,17 +41,18 @@ def main() -> None:
                         args.out / f"qdiff_{bits}_{args.tag}{sfx}")
             per_seed.append((q["fp"]["fid"], q["fp"]["is"], lin["fid"], lin["is"], q["fid"], q["is"],
                              gap_recovered(q["fid"], q["fp"]["fid"], lin["fid"])))
+            costs = costs or q  # cost of the run that built the reconstruction (later seeds reuse it)
         cols = list(zip(*per_seed))
         (fp, fp_sd), (lin_fid, lin_sd), (q_fid, q_sd), (recov, recov_sd) = (stat(list(cols[i])) for i in (0, 2, 4, 6))
-        rec = q.get("reconstruction", {})
+        rec = costs.get("reconstruction", {})
         label = q["quant"]
         rows += [
             {"bits": label, "method": "fp", "FID": fp, "FID_sd": fp_sd, "IS": statistics.mean(cols[1])},
             {"bits": label, "method": "linear", "FID": lin_fid, "FID_sd": lin_sd, "IS": statistics.mean(cols[3])},
             {"bits": label, "method": f"qdiff[{args.tag}]", "FID": q_fid, "FID_sd": q_sd, "IS": statistics.mean(cols[5]),
              "recovered": recov, "recovered_sd": recov_sd, "recovered_per_seed": [round(v, 4) for v in cols[6]],
-             "calib_s": q["cost"]["seconds"].get("calib_data", 0.0), "recon_s": rec.get("seconds_total", 0.0),
-             "total_s": q["cost"]["total_seconds"], "overrides": " ".join(args.overrides)},
+             "calib_s": costs["cost"]["seconds"].get("calib_data", 0.0), "recon_s": rec.get("seconds_total", 0.0),
+             "total_s": costs["cost"]["total_seconds"], "overrides": " ".join(args.overrides)},
         ]
     table = print_table(rows, ["bits", "method", "FID", "FID_sd", "IS", "recovered", "recovered_sd", "recon_s", "total_s"],
                         f"Q-Diffusion vs linear on digits [{args.tag}], seeds {args.seeds} (mean, sd over seeds)")
