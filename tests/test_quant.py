@@ -203,3 +203,19 @@ def test_bad_quant_settings(kwargs, message):
 def test_quantize_needs_calibration_data():
     with pytest.raises(ConfigError, match="calib_data"):
         qdiff.quantize(TinyUNet(), QuantConfig(method="linear"))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_inference_fake_quant_equals_straight_through_path(bits):
+    """Sampling uses a single-allocation path; it must give the training (STE) path's values bit for bit."""
+    from qdiff.quant.quantizer import fake_quant
+
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(4, 8, 5, 5, generator=g) * 3
+    x_before = x.clone()
+    scale, zp = torch.tensor(6.0 / (2 ** bits - 1)), torch.tensor(float(2 ** (bits - 1)))
+    with torch.no_grad():
+        fast = fake_quant(x, scale, zp, bits)
+    ste = fake_quant(x.clone().requires_grad_(True), scale, zp, bits)
+    assert ste.requires_grad and torch.equal(fast, ste.detach())
+    assert torch.equal(x, x_before)  # the input is not modified in place
