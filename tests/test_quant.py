@@ -219,3 +219,52 @@ def test_inference_fake_quant_equals_straight_through_path(bits):
     ste = fake_quant(x.clone().requires_grad_(True), scale, zp, bits)
     assert ste.requires_grad and torch.equal(fast, ste.detach())
     assert torch.equal(x, x_before)  # the input is not modified in place
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_ste_autograd_node_gives_the_composed_expressions_values_and_gradients(bits, per_channel):
+    """Training uses one autograd node with the STE/LSQ gradients written out; the composed expression is the reference."""
+    from qdiff.quant.quantizer import fake_quant, fake_quant_composed
+
+    g = torch.Generator().manual_seed(bits)
+    x = (torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    shape = (6, 1, 1, 1) if per_channel else ()
+    scale = torch.full(shape, 6.0 / (2 ** bits - 1), dtype=torch.float64).requires_grad_(True)
+    zp = torch.full(shape, float(2 ** (bits - 1)), dtype=torch.float64)
+    upstream = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
+    node = fake_quant(x, scale, zp, bits)
+    ref = fake_quant_composed(x, scale, zp, bits)
+    assert torch.equal(node, ref) and node.grad_fn is not None and "FakeQuantSTE" in type(node.grad_fn).__name__
+    gx, gs = torch.autograd.grad((node * upstream).sum(), (x, scale))
+    rx, rs = torch.autograd.grad((ref * upstream).sum(), (x, scale))
+    assert gs.shape == scale.shape
+    assert torch.allclose(gx, rx, rtol=0, atol=1e-12) and torch.allclose(gs, rs, rtol=1e-10, atol=1e-10)
+    # values exactly on the end levels (and beyond) pass no gradient to x, as autograd's clamp does
+    edge = torch.tensor([-100.0, (0 - zp.flatten()[0].item()) * scale.flatten()[0].item(), 100.0],
+                        dtype=torch.float64, requires_grad=True)
+    s0, z0 = scale.detach().flatten()[0], zp.flatten()[0]
+    (ge,) = torch.autograd.grad(fake_quant(edge, s0, z0, bits).sum(), edge)
+    assert torch.equal(ge, torch.zeros(3, dtype=torch.float64))
+
+
+def test_split_layer_fast_inference_path_equals_the_quantizer_modules_and_respects_hooks():
+    """Without grad, a split layer quantizes both halves straight into one buffer; same values as calling each quantizer."""
+    torch.manual_seed(0)
+    net = TinyUNet().eval()
+    x, t = _calib()
+    q = qdiff.quantize(net, QuantConfig(method="linear", weight_bits=4, act_bits=4), (x, t), progress=False)
+    layer = dict(quant_layers(q))["dec.conv1"]
+    assert layer.split == 8
+    inp = torch.randn(3, 16, 6, 6) * 2
+    with torch.no_grad():
+        fast = layer.quantize_input(inp)
+    ref = torch.cat([layer.aq[0](inp[:, :8].clone().requires_grad_(True)),
+                     layer.aq[1](inp[:, 8:].clone().requires_grad_(True))], dim=1).detach()
+    assert torch.equal(fast, ref)
+    seen = []
+    h = layer.aq[1].register_forward_pre_hook(lambda _m, a: seen.append(a[0].shape))
+    with torch.no_grad():
+        layer.quantize_input(inp)
+    h.remove()
+    assert seen == [torch.Size([3, 8, 6, 6])], "a hooked quantizer must still be called (activation-range init uses hooks)"

@@ -50,13 +50,61 @@ def scale_zero_point(x_min: torch.Tensor, x_max: torch.Tensor, bits: int, symmet
     return scale, zero_point
 
 
+def fake_quant_(y: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, levels: int) -> torch.Tensor:
+    """Inference path, in place on ``y = x / scale``: one allocation instead of seven, four passes over memory.
+
+    (round(y) - y) + y == round(y) exactly in float, and clamp(r + z, 0, L) - z == clamp(r, -z, L - z) for the
+    integer-valued r and z (exact below 2^24), so this equals the straight-through path bit for bit.
+    """
+    y = torch.clamp(y.round_(), -zero_point, levels - zero_point, out=y)  # tensor bounds: no device sync
+    return y.mul_(scale)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Training path as one autograd node: the straight-through estimator's gradients, written out.
+
+    out = s * (clamp(round(x/s) + z, 0, L) - z), with round's gradient taken as 1 (STE). Inside the range
+    (0 < round(x/s) + z < L): d out/dx = 1 and d out/ds = (round(x/s) - x/s); elsewhere: 0 and the clipped
+    level (c - z). These are the gradients autograd derives for the composed STE expression (LSQ without
+    its gradient scaling), in two saved tensors instead of the composed graph's seven intermediates.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, levels: int) -> torch.Tensor:
+        y = x / scale
+        c = torch.round(y).add_(zero_point)
+        inside = (c > 0) & (c < levels)  # strict, as autograd's clamp backward: the end levels count as clipped
+        c = c.clamp_(0, levels).sub_(zero_point)  # clipped integer level minus zero point
+        out = c * scale
+        ctx.scale_needs_grad = ctx.needs_input_grad[1]
+        ctx.scale_shape = scale.shape
+        if ctx.scale_needs_grad:
+            ctx.save_for_backward(inside, c.sub_(y.mul_(inside)))  # d out/ds per element
+        else:
+            ctx.save_for_backward(inside)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        inside = ctx.saved_tensors[0]
+        gx = g * inside if ctx.needs_input_grad[0] else None
+        gs = None
+        if ctx.scale_needs_grad:
+            t = g * ctx.saved_tensors[1]
+            gs = t.sum() if len(ctx.scale_shape) == 0 else t.sum_to_size(ctx.scale_shape)
+        return gx, gs, None, None
+
+
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
     levels = 2 ** bits - 1
     if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad):
-        # Inference (sampling): same arithmetic, one allocation instead of seven; (round(y) - y) + y == round(y)
-        # exactly in float, so this equals the straight-through path bit for bit.
-        return (x / scale).round_().add_(zero_point).clamp_(0, levels).sub_(zero_point).mul_(scale)
-    q = torch.clamp(round_ste(x / scale) + zero_point, 0, levels)
+        return fake_quant_(x / scale, scale, zero_point, levels)
+    return _FakeQuantSTE.apply(x, scale, zero_point, levels)
+
+
+def fake_quant_composed(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """The straight-through expression composed from autograd ops (the reference for :class:`_FakeQuantSTE`)."""
+    q = torch.clamp(round_ste(x / scale) + zero_point, 0, 2 ** bits - 1)
     return (q - zero_point) * scale
 
 
