@@ -121,3 +121,31 @@ def test_finished_reconstruction_is_reused_without_work(tmp_path):
     rep = reconstruct(net2, q2, calib2, qcfg, rcfg, work_dir=tmp_path / "w", progress=False)
     assert rep["resumed_steps"] == len(rep["steps"]) and rep["seconds_optimize"] == 0
     assert all(torch.equal(a, b) for a, b in zip(q.state_dict().values(), q2.state_dict().values()))
+
+
+def test_adaround_shares_h_per_step_and_follows_weight_changes():
+    from qdiff.quant.adaround import AdaRoundQuantizer
+    from qdiff.quant.quantizer import UniformQuantizer
+
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, 3, 3)
+    base = UniformQuantizer(4, channel_axis=0).init_from(w, "minmax")
+    q = AdaRoundQuantizer(base, w)
+    with torch.no_grad():
+        soft = q(w)
+    level = torch.floor(w / base.scale) + base.zero_point
+    inside = (level >= 0) & (level + 1 <= 15)
+    assert inside.float().mean() > 0.9
+    # h(V) starts at the fractional part: the soft quantizer reproduces the FP weight inside the range
+    assert torch.allclose(soft[inside], w[inside], atol=1e-5)
+    with q.step_h():
+        out, reg = q(w), q.round_loss(4.0)
+        assert q._h_step is not None and out.grad_fn is not None
+        (out.sum() + reg).backward()
+    assert q._h_step is None and q.alpha.grad is not None and torch.isfinite(q.alpha.grad).all()
+    # the cached floor(w / s) follows in-place weight updates
+    with torch.no_grad():
+        w.add_(base.scale * 2)
+        moved = q(w)
+        expected = (torch.clamp(torch.floor(w / q.scale) + q.zero_point + q.h(), 0, 15) - q.zero_point) * q.scale
+    assert torch.equal(moved, expected) and not torch.allclose(moved, soft)

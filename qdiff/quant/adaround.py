@@ -6,6 +6,8 @@ quantizer is hardened (h -> 1[V >= 0]) and folded back into a plain uniform quan
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -30,6 +32,10 @@ class AdaRoundQuantizer(nn.Module):
         # h(V) == rest at start: the soft quantizer reproduces the FP weight inside the clipping range.
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         self.soft = True
+        #: h(V) shared by the forward and the rounding loss of one optimisation step (see :meth:`step_h`).
+        self._h_step: torch.Tensor | None = None
+        self._floor_key: tuple | None = None
+        self._floor: torch.Tensor | None = None
 
     @property
     def levels(self) -> int:
@@ -38,13 +44,35 @@ class AdaRoundQuantizer(nn.Module):
     def h(self) -> torch.Tensor:
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
+    @contextmanager
+    def step_h(self):
+        """Compute h(V) once for one optimisation step (forward and rounding loss share it and its backward)."""
+        self._h_step = self.h()
+        try:
+            yield
+        finally:
+            self._h_step = None
+
+    def _current_h(self) -> torch.Tensor:
+        return self._h_step if self._h_step is not None else self.h()
+
+    def _floor_plus_zp(self, w: torch.Tensor) -> torch.Tensor:
+        # floor(w / s) + z is constant while the rounding is learned (the weight is fixed): computed once per
+        # weight state (its storage, shape and in-place version counter).
+        key = (w.data_ptr(), tuple(w.shape), w._version, w.device, self.scale.data_ptr(), self.zero_point.data_ptr())
+        if self._floor_key != key:
+            with torch.no_grad():
+                self._floor = torch.floor(w / self.scale) + self.zero_point
+            self._floor_key = key
+        return self._floor
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        offset = self.h() if self.soft else (self.alpha >= 0).to(w.dtype)
-        q = torch.clamp(torch.floor(w / self.scale) + offset + self.zero_point, 0, self.levels)
+        offset = self._current_h() if self.soft else (self.alpha >= 0).to(w.dtype)
+        q = torch.clamp(self._floor_plus_zp(w) + offset, 0, self.levels)
         return (q - self.zero_point) * self.scale
 
     def round_loss(self, b: float) -> torch.Tensor:
-        return (1 - (2 * self.h() - 1).abs().pow(b)).sum()
+        return (1 - (2 * self._current_h() - 1).abs().pow(b)).sum()
 
     def hard_fraction(self) -> float:
         """Share of rounding variables already at exactly 0 or 1."""

@@ -33,6 +33,8 @@ class ReconConfig:
     input_source: str = "quantized"
     #: Calibration samples used (None = all N). Inputs and FP targets of the current block are cached.
     num_samples: int | None = None
+    #: Forward batch size when capturing a block's inputs and FP targets (no gradients; larger is faster on CPU).
+    capture_batch_size: int = 64
     #: Keep the per-block cache in memory or stream it from disk (bounded RAM for large N).
     cache_storage: str = "memory"
     #: Lightning precision of the reconstruction loops: 32-true | bf16-mixed (GPU) | 16-mixed.
@@ -59,5 +61,7 @@ class ReconConfig:
             raise ConfigError(f"recon.cache_storage must be memory or disk, got '{self.cache_storage}'")
         if self.precision not in ("32-true", "32", "bf16-mixed", "16-mixed"):
             raise ConfigError(f"recon.precision must be 32-true, bf16-mixed or 16-mixed, got '{self.precision}'")
+        if self.capture_batch_size <= 0:
+            raise ConfigError(f"recon.capture_batch_size must be > 0, got {self.capture_batch_size}")
         if self.num_samples is not None and self.num_samples <= 0:
             raise ConfigError(f"recon.num_samples must be > 0 or null, got {self.num_samples}")

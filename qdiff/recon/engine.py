@@ -99,6 +99,8 @@ def _quiet_lightning():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*GPU available but not used.*")
         warnings.filterwarnings("ignore", ".*srun.*")
+        warnings.filterwarnings("ignore", ".*in eval mode at the start of training.*")  # intended: the unit keeps eval mode
+        warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
         try:
             yield
         finally:
@@ -185,7 +187,7 @@ def reconstruct(fp_model: nn.Module, q_model: nn.Module, calib, qcfg: QuantConfi
             set_act_quant(q_model, phase == "acts")
             unit_mod = q_model.get_submodule(unit.name)
             t = time.perf_counter()
-            cache = capture_unit(unit.name, fp_model, q_model, forward, calib, sample_idx, 64, device,
+            cache = capture_unit(unit.name, fp_model, q_model, forward, calib, sample_idx, cfg.capture_batch_size, device,
                                  cfg.cache_storage, disk, cfg.input_source, progress=False)
             rep = StepReport(step, unit.name, unit.kind, unit.n_layers, capture_seconds=round(time.perf_counter() - t, 2))
             rep.mse_before = _eval_mse(unit_mod, cache, calib, sample_idx, device)
