@@ -103,6 +103,9 @@ def preflight(spec: RunSpec) -> dict:
 
 def run(cfg, tracker: NullTracker | None = None) -> tuple[dict, dict]:
     """Run the whole pipeline for a composed config; returns (metrics, objects)."""
+    from qdiff.runtime import tune_allocator
+
+    tune_allocator()
     spec = build_spec(cfg)
     tracker = tracker or NullTracker()
     pre = preflight(spec)
