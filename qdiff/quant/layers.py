@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdiff.quant.adaround import AdaRoundQuantizer
-from qdiff.quant.quantizer import UniformQuantizer, fake_quant_
+from qdiff.quant.quantizer import UniformQuantizer, fake_quant_, needs_no_grad
 
 #: Module classes that have a quantized wrapper: class -> functional forward(x, w, b, **kw).
 LAYER_REGISTRY: dict[type, Callable] = {}
@@ -118,8 +118,7 @@ class QuantLayer(nn.Module):
         if not (_hooked(a) or _hooked(b)):  # fast paths skip the quantizer modules' calls, so only without hooks
             if not a.active and not b.active:
                 return x
-            if a.active and b.active and a._ready and b._ready and not (
-                    torch.is_grad_enabled() and (x.requires_grad or a.scale.requires_grad or b.scale.requires_grad)):
+            if a.active and b.active and a._ready and b._ready and needs_no_grad(x, a.scale) and needs_no_grad(x, b.scale):
                 # Inference: both halves quantized straight into one output (no concatenation copy); same values.
                 out = torch.empty_like(x)
                 for q, sl in ((a, slice(None, self.split)), (b, slice(self.split, None))):

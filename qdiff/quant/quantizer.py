@@ -95,9 +95,14 @@ class _FakeQuantSTE(torch.autograd.Function):
         return gx, gs, None, None
 
 
+def needs_no_grad(x: torch.Tensor, scale: torch.Tensor) -> bool:
+    """True when no gradient can flow through fake-quantizing ``x`` with ``scale`` (the inference path applies)."""
+    return not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad)
+
+
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
     levels = 2 ** bits - 1
-    if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad):
+    if needs_no_grad(x, scale):
         return fake_quant_(x / scale, scale, zero_point, levels)
     return _FakeQuantSTE.apply(x, scale, zero_point, levels)
 
