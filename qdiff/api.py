@@ -47,12 +47,13 @@ def prepare(model: nn.Module, cfg: QuantConfig, example: tuple[torch.Tensor, tor
 
 def quantize(model: nn.Module, config: QuantConfig, calib_data=None, recon=None, forward=default_forward,
              device: torch.device | str | None = None, work_dir: str | Path | None = None,
-             act_init_samples: int = 256, progress: bool = True) -> nn.Module:
+             act_init_samples: int = 256, progress: bool = True, probe=None) -> nn.Module:
     """A quantized copy of ``model`` (the original is untouched).
 
     ``calib_data`` is needed to detect shortcut splits, to set activation ranges and to reconstruct.
     ``method="linear"``: round-to-nearest with the configured ranges. ``method="qdiff"``: AdaRound weight
     reconstruction, then activation ranges and LSQ step sizes, block by block (``recon``: ReconConfig).
+    ``probe(unet) -> final latents`` (a sampler run from fixed noise) is needed by ``recon.output_bias_match``.
     """
     from qdiff.errors import ConfigError
 
@@ -67,7 +68,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data=None, recon=None,
         from qdiff.recon import ReconConfig, reconstruct
 
         reconstruct(model, q, calib, config, recon or ReconConfig(), forward=forward, device=device,
-                    work_dir=work_dir, progress=progress)
+                    work_dir=work_dir, progress=progress, probe=probe)
     elif config.quantizes_acts:
         from qdiff.quant.act_init import init_act_quantizers
 

@@ -167,7 +167,7 @@ def run(cfg, tracker: NullTracker | None = None) -> tuple[dict, dict]:
             with st("reconstruct"), cache_lock(work_dir.with_name(work_dir.name + ".lock"), "reconstruction"):
                 extra["reconstruction"] = reconstruct(
                     model.unet, qunet, calib, spec.quant, spec.recon, forward=forward, device=spec.device,
-                    work_dir=work_dir, logger=tracker.lightning_logger())
+                    work_dir=work_dir, logger=tracker.lightning_logger(), probe=_probe(model, spec))
             extra["reconstruction"]["work_dir"] = str(work_dir)
         from qdiff.quant.serialize import save_quantized
 
@@ -235,6 +235,24 @@ def run(cfg, tracker: NullTracker | None = None) -> tuple[dict, dict]:
     }
     _write_outputs(out_dir, samples, spec, metrics, tracker)
     return metrics, objects
+
+
+def _probe(model, spec: RunSpec):
+    """Sampler runs from the calibration noise (final latents) that score the output bias match, when asked for."""
+    if not spec.recon.output_bias_match:
+        return None
+    from dataclasses import replace
+
+    from qdiff.sampling import generate
+
+    n = spec.recon.probe_samples
+    sampler = replace(spec.sampler, steps=spec.calib.T)
+    prompts = _prompts(model, spec, n, spec.calib.seed)
+
+    def probe(unet):
+        return generate(model, unet, sampler, n, spec.calib.seed, spec.device, prompts, progress=False, return_latents=True)
+
+    return probe
 
 
 def recon_key(model, spec: RunSpec, calib_key: str, specs) -> str:

@@ -59,6 +59,7 @@ def test_default_run_is_qdiff_w4a8_on_digits(compose_cfg):
     ("calib.mode=random", "unknown calib.mode"),
     ("recon.granularity=net", "recon.granularity must be block or layer"),
     ("recon.capture_batch_size=0", "recon.capture_batch_size must be > 0"),
+    ("recon.probe_samples=0", "recon.probe_samples must be > 0"),
     ("+quant.foo=1", "quant: unknown option(s) ['foo']"),
 ])
 def test_bad_values_raise_config_error(override, message, compose_cfg):

@@ -149,3 +149,51 @@ def test_adaround_shares_h_per_step_and_follows_weight_changes():
         moved = q(w)
         expected = (torch.clamp(torch.floor(w / q.scale) + q.zero_point + q.h(), 0, 15) - q.zero_point) * q.scale
     assert torch.equal(moved, expected) and not torch.allclose(moved, soft)
+
+
+def test_output_bias_match_removes_the_sample_mean_shift_and_only_moves_that_bias(tmp_path):
+    from dataclasses import replace
+
+    import pytest
+    from diffusers import DDIMScheduler
+
+    from qdiff.errors import ConfigError
+
+    def probe(unet):  # DDIM-10 from fixed noise, as the pipeline's probe runs the calibration sampler
+        sched = DDIMScheduler(num_train_timesteps=1000)
+        sched.set_timesteps(10)
+        x = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            for t in sched.timesteps:
+                x = sched.step(unet(x, t.expand(16)), t, x).prev_sample
+        return x
+
+    def fresh():  # weights only: the sample mean is then a smooth function of the bias (8-bit acts make it jumpy)
+        net, _, calib, _, rcfg = setup(iters=30)
+        return net, prepare(net, qcfg, calib.get([0, 1]))[0], calib, rcfg
+
+    qcfg = QuantConfig(method="qdiff", weight_bits=4, act_bits=32)
+    net, q, calib, rcfg = fresh()
+    cfg = replace(rcfg, output_bias_match=True)
+    with pytest.raises(ConfigError, match="needs a sampler probe"):
+        reconstruct(net, q, calib, qcfg, cfg, progress=False)
+    rep = reconstruct(net, q, calib, qcfg, cfg, progress=False, probe=probe, work_dir=tmp_path / "w")
+    bm = rep["output"]["bias_match"]
+    last = [n for n in execution_order(net, calib.get([0])[:2]) if n in dict(quant_layers(q))][-1]
+    assert bm["layer"] == rep["output"]["layer"] == last and rep["steps"][-1]["step"] == f"output_bias:{last}"
+    before, after = abs(bm["mean_dev_before"][0]), abs(bm["mean_dev_after"][0])
+    # (this random tiny net's sample mean is far from linear in the bias: the secant steps get within 15 %)
+    assert before > 1e-3 and after < 0.2 * before, bm
+    # measured again on the final model: FP's sample mean
+    assert abs(float((probe(q) - probe(net)).mean())) == pytest.approx(after, abs=1e-6)
+    # the same reconstruction without the match differs only in that bias, by the reported shift
+    net2, q2, calib2, _ = fresh()
+    reconstruct(net2, q2, calib2, qcfg, rcfg, progress=False)
+    a, b = q.state_dict(), q2.state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == [f"{last}.bias"]
+    assert torch.allclose(a[f"{last}.bias"] - b[f"{last}.bias"], torch.tensor(bm["bias_shift"]), atol=1e-6)
+    # resumable like every other step: a rerun replays it without probing
+    net3, q3, calib3, _ = fresh()
+    rep3 = reconstruct(net3, q3, calib3, qcfg, cfg, progress=False, probe=probe, work_dir=tmp_path / "w")
+    assert rep3["resumed_steps"] == len(rep3["steps"]) and rep3["output"]["bias_match"] == bm
+    assert torch.equal(q3.state_dict()[f"{last}.bias"], a[f"{last}.bias"])

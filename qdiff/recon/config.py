@@ -43,6 +43,11 @@ class ReconConfig:
     resume: bool = True
     #: Seed of the reconstruction's batch sampling (per block: seed + block index).
     seed: int = 0
+    #: Shift the output layer's (FP) bias per channel so that samples from the calibration noise have FP's
+    #: per-channel mean (secant steps on whole sampling runs). False = the paper.
+    output_bias_match: bool = False
+    #: Sampling runs (from the calibration noise, with the calibration sampler) that score the bias match.
+    probe_samples: int = 64
 
     def __post_init__(self) -> None:
         if self.weight_iters < 0 or self.act_iters < 0:
@@ -63,5 +68,7 @@ class ReconConfig:
             raise ConfigError(f"recon.precision must be 32-true, bf16-mixed or 16-mixed, got '{self.precision}'")
         if self.capture_batch_size <= 0:
             raise ConfigError(f"recon.capture_batch_size must be > 0, got {self.capture_batch_size}")
+        if self.probe_samples <= 0:
+            raise ConfigError(f"recon.probe_samples must be > 0, got {self.probe_samples}")
         if self.num_samples is not None and self.num_samples <= 0:
             raise ConfigError(f"recon.num_samples must be > 0 or null, got {self.num_samples}")

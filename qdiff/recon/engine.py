@@ -3,6 +3,7 @@
     for each unit (block or layer), in execution order:   AdaRound the unit's weights   ("weights")
     set every activation quantizer's range from calibration data                           ("act_init")
     for each unit, in execution order:                     LSQ the unit's act step sizes ("acts")
+    optionally: match the output layer's bias on sampled trajectories (qdiff.recon.output) ("output_bias")
 
 Each finished step writes that unit's tensors to ``work_dir`` (safetensors) and records it in
 ``progress.json``; a rerun with the same settings replays the finished steps and continues, so the final
@@ -33,6 +34,7 @@ from qdiff.quant.split import execution_order
 from qdiff.quant.wrap import act_quantizers, set_act_quant
 from qdiff.recon.capture import UnitCache, capture_unit, unit_call_args
 from qdiff.recon.config import ReconConfig
+from qdiff.recon.output import Probe, ProbeScore, match_output_mean, output_layer
 from qdiff.recon.units import Unit, find_units
 
 log = logging.getLogger("qdiff")
@@ -41,7 +43,7 @@ EVAL_ROWS = 256
 
 @dataclass
 class StepReport:
-    step: str             # "weights:<unit>", "act_init" or "acts:<unit>"
+    step: str             # "weights:<unit>", "act_init", "acts:<unit>" or "output_bias:<layer>"
     unit: str
     kind: str
     n_layers: int
@@ -74,7 +76,9 @@ class Checkpoints:
     def load(self, step: str) -> dict[str, torch.Tensor]:
         return load_state_dict_file(self.root / f"{self.progress['done'].index(step):04d}.safetensors")
 
-    def save(self, step: str, state: dict[str, torch.Tensor], report: StepReport) -> None:
+    def save(self, step: str, state: dict[str, torch.Tensor], report: StepReport, extra: dict | None = None) -> None:
+        if extra:
+            self.progress.setdefault("output", {})[step] = extra
         if self.root is None:
             self.progress["reports"][step] = asdict(report)
             return
@@ -136,13 +140,22 @@ def _eval_mse(unit_mod: nn.Module, cache: UnitCache, calib, sample_idx: np.ndarr
 def reconstruct(fp_model: nn.Module, q_model: nn.Module, calib, qcfg: QuantConfig, cfg: ReconConfig,
                 forward: Callable | None = None, device: torch.device | str | None = None,
                 work_dir: str | Path | None = None, progress: bool = True, logger=False,
-                act_init_samples: int = 256) -> dict:
-    """Reconstruct ``q_model`` (a wrapped copy of ``fp_model``) in place; returns a cost/quality report."""
+                act_init_samples: int = 256, probe: Probe | None = None) -> dict:
+    """Reconstruct ``q_model`` (a wrapped copy of ``fp_model``) in place; returns a cost/quality report.
+
+    ``probe(unet) -> final latents`` runs the sampler from fixed (calibration) noise; only
+    ``cfg.output_bias_match`` needs it (see :mod:`qdiff.recon.output`).
+    """
     from qdiff.api import default_forward
     from qdiff.quant.act_init import init_act_quantizers
     from qdiff.recon.module import ReconModule, trainer_for
 
     forward = forward or default_forward
+    if cfg.output_bias_match and probe is None:
+        from qdiff.errors import ConfigError
+
+        raise ConfigError("recon.output_bias_match scores whole sampling runs: it needs a sampler probe "
+                          "(the run.py pipeline passes one; API: reconstruct(..., probe=...))")
     device = torch.device(device) if device is not None else next(q_model.parameters()).device
     t_start = time.perf_counter()
     x0, t0, c0 = calib.get([0], device)
@@ -162,6 +175,11 @@ def reconstruct(fp_model: nn.Module, q_model: nn.Module, calib, qcfg: QuantConfi
         steps.append(("act_init", None))
         if cfg.act_iters > 0:
             steps += [(f"acts:{u.name}", u) for u in units]
+    out_name = output_layer(q_model, order)
+    if cfg.output_bias_match and out_name is not None:
+        steps.append((f"output_bias:{out_name}", Unit(out_name, "layer", q_model.get_submodule(out_name).org_type, 1)))
+    score = ProbeScore(probe, fp_model) if probe is not None else None
+    output_report: dict = {}
     reports: list[StepReport] = []
     set_act_quant(q_model, False)
     bar = tqdm(steps, desc="reconstruction", unit="unit", disable=not progress)
@@ -172,6 +190,18 @@ def reconstruct(fp_model: nn.Module, q_model: nn.Module, calib, qcfg: QuantConfi
                 _restore(q_model, step, unit, ckpt.load(step))
                 rep = StepReport(**{**ckpt.progress["reports"][step], "resumed": True})
                 reports.append(rep)
+                output_report.update(ckpt.progress.get("output", {}).get(step, {}))
+                continue
+            if step.startswith("output_bias:"):  # the last step: every unit is final
+                t = time.perf_counter()
+                set_act_quant(q_model, True)
+                _final_weights(q_model)
+                res = match_output_mean(q_model, unit.name, score)
+                rep = StepReport(step, unit.name, "layer", 1, optimize_seconds=round(time.perf_counter() - t, 2))
+                output_report["bias_match"] = res
+                ckpt.save(step, q_model.get_submodule(unit.name).state_dict(), rep, extra={"bias_match": res})
+                reports.append(rep)
+                log.info("%s: probe mean deviation %s -> %s", step, res.get("mean_dev_before"), res.get("mean_dev_after"))
                 continue
             if step == "act_init":
                 t = time.perf_counter()
@@ -194,6 +224,7 @@ def reconstruct(fp_model: nn.Module, q_model: nn.Module, calib, qcfg: QuantConfi
             t = time.perf_counter()
             layers = _unit_layers(q_model, unit)
             seed = cfg.seed * 100_003 + 2 * i + (phase == "acts")
+
             if phase == "weights":
                 ada = [q for layer in layers for q in layer.start_adaround()]
                 params = [q.alpha for q in ada]
@@ -220,11 +251,13 @@ def reconstruct(fp_model: nn.Module, q_model: nn.Module, calib, qcfg: QuantConfi
             log.info("%s: block MSE %.4g -> %.4g (%.1f s)", step, rep.mse_before, rep.mse_after, rep.optimize_seconds)
     bar.close()
     set_act_quant(q_model, True)
-    for _, layer in [(n, m) for n, m in q_model.named_modules() if isinstance(m, QuantLayer)]:
-        layer.cache_weights = True
-        layer.invalidate_cache()
+    _final_weights(q_model)
     done = [r for r in reports if not r.resumed]
+    if score is not None and out_name is not None:
+        output_report["layer"] = out_name
+        output_report["probe_mse_final"] = round(score.mse(q_model), 6)
     return {
+        "output": output_report,
         "units": [asdict(u) for u in units],
         "n_units": len(units),
         "n_calibration_inputs": n,
@@ -234,6 +267,14 @@ def reconstruct(fp_model: nn.Module, q_model: nn.Module, calib, qcfg: QuantConfi
         "seconds_capture": round(sum(r.capture_seconds for r in done), 2),
         "seconds_optimize": round(sum(r.optimize_seconds for r in done), 2),
     }
+
+
+def _final_weights(q_model: nn.Module) -> None:
+    """Weights are final: layers cache their fake-quantized weight again."""
+    for m in q_model.modules():
+        if isinstance(m, QuantLayer):
+            m.cache_weights = True
+            m.invalidate_cache()
 
 
 def _restore(q_model: nn.Module, step: str, unit: Unit | None, state: dict[str, torch.Tensor]) -> None:
@@ -247,7 +288,10 @@ def _restore(q_model: nn.Module, step: str, unit: Unit | None, state: dict[str, 
             by_name[name].load_state_dict(sd)
         set_act_quant(q_model, True)
         return
-    unit_mod = q_model.get_submodule(unit.name)
+    _load_unit(q_model.get_submodule(unit.name), state)
+
+
+def _load_unit(unit_mod: nn.Module, state: dict[str, torch.Tensor]) -> None:
     unit_mod.load_state_dict(state, strict=True)
     for m in unit_mod.modules():
         if isinstance(m, QuantLayer):
