@@ -178,7 +178,7 @@ def reconstruct(fp_model: nn.Module, q_model: nn.Module, calib, qcfg: QuantConfi
     out_name = output_layer(q_model, order)
     if cfg.output_bias_match and out_name is not None:
         steps.append((f"output_bias:{out_name}", Unit(out_name, "layer", q_model.get_submodule(out_name).org_type, 1)))
-    score = ProbeScore(probe, fp_model) if probe is not None else None
+    score = ProbeScore(probe, fp_model) if cfg.output_bias_match else None
     output_report: dict = {}
     reports: list[StepReport] = []
     set_act_quant(q_model, False)
@@ -198,8 +198,10 @@ def reconstruct(fp_model: nn.Module, q_model: nn.Module, calib, qcfg: QuantConfi
                 _final_weights(q_model)
                 res = match_output_mean(q_model, unit.name, score)
                 rep = StepReport(step, unit.name, "layer", 1, optimize_seconds=round(time.perf_counter() - t, 2))
-                output_report["bias_match"] = res
-                ckpt.save(step, q_model.get_submodule(unit.name).state_dict(), rep, extra={"bias_match": res})
+                # the model is final here: its probe MSE is recorded with the step (a resumed run reads it back)
+                result = {"bias_match": res, "layer": unit.name, "probe_mse_final": round(score.mse(q_model), 6)}
+                output_report.update(result)
+                ckpt.save(step, q_model.get_submodule(unit.name).state_dict(), rep, extra=result)
                 reports.append(rep)
                 log.info("%s: probe mean deviation %s -> %s", step, res.get("mean_dev_before"), res.get("mean_dev_after"))
                 continue
@@ -224,7 +226,6 @@ def reconstruct(fp_model: nn.Module, q_model: nn.Module, calib, qcfg: QuantConfi
             t = time.perf_counter()
             layers = _unit_layers(q_model, unit)
             seed = cfg.seed * 100_003 + 2 * i + (phase == "acts")
-
             if phase == "weights":
                 ada = [q for layer in layers for q in layer.start_adaround()]
                 params = [q.alpha for q in ada]
@@ -253,9 +254,6 @@ def reconstruct(fp_model: nn.Module, q_model: nn.Module, calib, qcfg: QuantConfi
     set_act_quant(q_model, True)
     _final_weights(q_model)
     done = [r for r in reports if not r.resumed]
-    if score is not None and out_name is not None:
-        output_report["layer"] = out_name
-        output_report["probe_mse_final"] = round(score.mse(q_model), 6)
     return {
         "output": output_report,
         "units": [asdict(u) for u in units],
@@ -288,10 +286,7 @@ def _restore(q_model: nn.Module, step: str, unit: Unit | None, state: dict[str, 
             by_name[name].load_state_dict(sd)
         set_act_quant(q_model, True)
         return
-    _load_unit(q_model.get_submodule(unit.name), state)
-
-
-def _load_unit(unit_mod: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    unit_mod = q_model.get_submodule(unit.name)
     unit_mod.load_state_dict(state, strict=True)
     for m in unit_mod.modules():
         if isinstance(m, QuantLayer):

@@ -94,7 +94,6 @@ def match_output_mean(q_model: nn.Module, layer_name: str, score: ProbeScore, it
         d0, d1 = d1, d1 - f1 * slope
     best_shift, best_dev = min(tried, key=lambda p: float((p[1] ** 2).sum()))
     layer.bias.data = b0 + best_shift.to(b0)
-    layer.invalidate_cache()
     return {"layer": layer_name, "bias_shift": [round(float(v), 6) for v in best_shift],
             "mean_dev_before": [round(float(v), 6) for v in f0], "mean_dev_after": [round(float(v), 6) for v in best_dev],
             "probe_runs": len(tried)}
