@@ -184,8 +184,10 @@ def test_output_bias_match_removes_the_sample_mean_shift_and_only_moves_that_bia
     before, after = abs(bm["mean_dev_before"][0]), abs(bm["mean_dev_after"][0])
     # (this random tiny net's sample mean is far from linear in the bias: the secant steps get within 15 %)
     assert before > 1e-3 and after < 0.2 * before, bm
-    # measured again on the final model: FP's sample mean
-    assert abs(float((probe(q) - probe(net)).mean())) == pytest.approx(after, abs=1e-6)
+    # measured again on the final model: FP's sample mean, and the recorded probe MSE is the final model's
+    d = probe(q) - probe(net)
+    assert abs(float(d.mean())) == pytest.approx(after, abs=1e-6)
+    assert rep["output"]["probe_mse_final"] == pytest.approx(float((d ** 2).mean()), abs=1e-6)
     # the same reconstruction without the match differs only in that bias, by the reported shift
     net2, q2, calib2, _ = fresh()
     reconstruct(net2, q2, calib2, qcfg, rcfg, progress=False)

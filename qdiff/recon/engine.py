@@ -199,7 +199,7 @@ def reconstruct(fp_model: nn.Module, q_model: nn.Module, calib, qcfg: QuantConfi
                 res = match_output_mean(q_model, unit.name, score)
                 rep = StepReport(step, unit.name, "layer", 1, optimize_seconds=round(time.perf_counter() - t, 2))
                 # the model is final here: its probe MSE is recorded with the step (a resumed run reads it back)
-                result = {"bias_match": res, "layer": unit.name, "probe_mse_final": round(score.mse(q_model), 6)}
+                result = {"bias_match": res, "layer": unit.name, "probe_mse_final": round(res.pop("probe_mse"), 6)}
                 output_report.update(result)
                 ckpt.save(step, q_model.get_submodule(unit.name).state_dict(), rep, extra=result)
                 reports.append(rep)

@@ -54,10 +54,10 @@ class ProbeScore:
     def mse(self, q_model: nn.Module) -> float:
         return float(((self.samples(q_model) - self.ref) ** 2).mean())
 
-    def channel_mean_dev(self, q_model: nn.Module) -> torch.Tensor:
-        """Per-channel mean of (quantized - FP) probe samples: [C]."""
+    def compare(self, q_model: nn.Module) -> tuple[torch.Tensor, float]:
+        """One probe run: per-channel mean of (quantized - FP) samples [C], and their MSE."""
         d = self.samples(q_model) - self.ref
-        return d.transpose(0, 1).flatten(1).mean(1)
+        return d.transpose(0, 1).flatten(1).mean(1), float((d ** 2).mean())
 
 
 @torch.no_grad()
@@ -65,35 +65,37 @@ def match_output_mean(q_model: nn.Module, layer_name: str, score: ProbeScore, it
     """Shift ``layer_name``'s bias so the probe samples' per-channel mean matches FP; returns a report.
 
     Each channel's mean deviation is treated as a function of that channel's bias shift alone and solved
-    by secant steps; the evaluated shift with the smallest deviation is kept.
+    by secant steps; the evaluated shift with the smallest deviation is kept. The report's ``probe_mse`` is
+    the final model's probe MSE vs FP (read from the run that evaluated the kept shift).
     """
     layer = q_model.get_submodule(layer_name)
     if not isinstance(layer, QuantLayer) or layer.bias is None:
         log.warning("output bias match: %s has no bias; skipped", layer_name)
-        return {"layer": layer_name, "skipped": "no bias"}
+        return {"layer": layer_name, "skipped": "no bias", "probe_mse": score.mse(q_model)}
     b0 = layer.bias.detach().clone()
     channels = b0.numel()
 
-    def dev(shift: torch.Tensor) -> torch.Tensor:
+    def dev(shift: torch.Tensor) -> tuple[torch.Tensor, float]:
         layer.bias.data = b0 + shift.to(b0)
-        return score.channel_mean_dev(q_model)
+        return score.compare(q_model)
 
     zero = torch.zeros(channels)
-    f0 = dev(zero)
+    f0, mse0 = dev(zero)
     if f0.numel() != channels:
         layer.bias.data = b0
         log.warning("output bias match: %s has %d output channels, samples have %d; skipped", layer_name, channels, f0.numel())
-        return {"layer": layer_name, "skipped": f"{channels} output channels vs {f0.numel()} sample channels"}
-    tried = [(zero, f0)]
+        return {"layer": layer_name, "skipped": f"{channels} output channels vs {f0.numel()} sample channels",
+                "probe_mse": mse0}
+    tried = [(zero, f0, mse0)]
     d0, d1 = zero, -f0  # first guess: unit gain from bias to sample mean
     for _ in range(max(1, iters)):
-        f1 = dev(d1)
-        tried.append((d1, f1))
+        f1, mse1 = dev(d1)
+        tried.append((d1, f1, mse1))
         df = f1 - tried[-2][1]
         slope = torch.where(df.abs() > 1e-12, (d1 - d0) / df, torch.zeros_like(df))
         d0, d1 = d1, d1 - f1 * slope
-    best_shift, best_dev = min(tried, key=lambda p: float((p[1] ** 2).sum()))
+    best_shift, best_dev, best_mse = min(tried, key=lambda p: float((p[1] ** 2).sum()))
     layer.bias.data = b0 + best_shift.to(b0)
     return {"layer": layer_name, "bias_shift": [round(float(v), 6) for v in best_shift],
             "mean_dev_before": [round(float(v), 6) for v in f0], "mean_dev_after": [round(float(v), 6) for v in best_dev],
-            "probe_runs": len(tried)}
+            "probe_runs": len(tried), "probe_mse": best_mse}
