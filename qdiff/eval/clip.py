@@ -17,7 +17,7 @@ log = logging.getLogger("qdiff")
 
 def resolve_clip_model(name: str) -> tuple[str | None, str | None]:
     """``(source, None)`` when CLIP weights ``name`` can be loaded, else ``(None, note)``; never downloads."""
-    from qdiff.models.paper import _hub_cached, _hub_offline, _hub_reachable
+    from qdiff.models.hub import hub_cached, hub_offline, hub_reachable
 
     path = Path(name).expanduser()
     if path.is_dir():
@@ -27,9 +27,9 @@ def resolve_clip_model(name: str) -> tuple[str | None, str | None]:
                       "(expected a CLIPModel + CLIPProcessor saved with save_pretrained)")
     if name.startswith(("/", ".", "~")) or name.count("/") != 1:
         return None, f"eval.clip_model '{name}' does not exist; point it at a local CLIP folder"
-    if _hub_cached(name, ("",)):
+    if hub_cached(name, ("",)):
         return name, None
-    if _hub_offline() or not _hub_reachable():
+    if hub_offline() or not hub_reachable():
         return None, (f"CLIP weights '{name}' are not in the local hub cache and the hub cannot be reached; "
                       "download them elsewhere and set eval.clip_model=/path/to/the/folder")
     return name, None
@@ -62,24 +62,18 @@ def load_clip_scorer(source: str, device: torch.device | str):
     from torchmetrics.multimodal import CLIPScore
     from transformers import CLIPModel, CLIPProcessor
 
+    from qdiff.models.hub import first_line, load_errors
+
     local = Path(source).expanduser().is_dir()
 
     def load():
         kw = {"local_files_only": True} if local else {}
         return _TensorFeatures(CLIPModel.from_pretrained(source, **kw).eval()), CLIPProcessor.from_pretrained(source, **kw)
 
-    errors: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError, KeyError)
-    try:
-        from huggingface_hub.errors import HfHubHTTPError
-
-        errors += (HfHubHTTPError,)
-    except ImportError:  # pragma: no cover
-        pass
     try:
         return CLIPScore(model_name_or_path=load).to(device), None
-    except errors as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        return None, f"cannot load CLIP weights '{source}' ({first})"
+    except load_errors(RuntimeError, KeyError) as e:
+        return None, f"cannot load CLIP weights '{source}' ({first_line(e, type(e).__name__)})"
 
 
 @torch.no_grad()
