@@ -1,36 +1,33 @@
-"""The public verb: ``qdiff.quantize(model, QuantConfig(...), calib_data)``.
+"""The public verb: ``qdiff.quantize(model, QuantConfig(...), calib, ReconConfig(...))``.
 
-Works on any ``nn.Module`` noise predictor called as ``eps = model(x_t, t, **cond)``. Stages, each usable
-on its own: :func:`prepare` (detect splits, wrap, init weight ranges), activation-range init, and — for
-``method="qdiff"`` — block reconstruction (:func:`qdiff.recon.reconstruct`).
+Works on any ``nn.Module`` noise predictor called as ``eps = model(x_t, t, **cond)``. The stages, each usable
+on its own: :func:`prepare` (detect splits, wrap, init weight ranges), then for ``method="linear"`` the
+activation ranges, for ``method="qdiff"`` block reconstruction (:func:`qdiff.recon.reconstruct`).
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from qdiff.models.base import unwrap_output
+from qdiff.errors import ConfigError
 from qdiff.quant.config import QuantConfig
 from qdiff.quant.layers import LAYER_REGISTRY
 from qdiff.quant.split import execution_order, find_concat_splits
 from qdiff.quant.wrap import LayerSpec, init_weight_quantizers, resolve_layer_specs, wrap_model
 
 
-def default_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-    return unwrap_output(model(x, t, **(cond or {})))
-
-
-def as_calibration(calib_data):
+def as_calibration(calib):
     """Accept a CalibrationSet/TensorCalibration or a tuple ``(x, t[, cond])`` of tensors."""
     from qdiff.calib.data import TensorCalibration
 
-    if calib_data is None or hasattr(calib_data, "batches"):
-        return calib_data
-    if isinstance(calib_data, (tuple, list)) and len(calib_data) in (2, 3):
-        return TensorCalibration(*calib_data)
-    raise TypeError("calib_data must be a CalibrationSet, a TensorCalibration or a tuple (x, t[, cond])")
+    if calib is None or hasattr(calib, "batches"):
+        return calib
+    if isinstance(calib, (tuple, list)) and len(calib) in (2, 3):
+        return TensorCalibration(*calib)
+    raise TypeError("calib must be a CalibrationSet, a TensorCalibration or a tuple (x, t[, cond])")
 
 
 @torch.no_grad()
@@ -45,34 +42,44 @@ def prepare(model: nn.Module, cfg: QuantConfig, example: tuple[torch.Tensor, tor
     return q, specs
 
 
-def quantize(model: nn.Module, config: QuantConfig, calib_data=None, recon=None, forward=default_forward,
-             device: torch.device | str | None = None, work_dir: str | Path | None = None,
-             act_init_samples: int = 256, progress: bool = True, probe=None) -> nn.Module:
-    """A quantized copy of ``model`` (the original is untouched).
+def quantize(model: nn.Module, config: QuantConfig, calib=None, recon=None, device: torch.device | str | None = None,
+             work_dir: str | Path | None = None, act_init_samples: int = 256, progress: bool = True,
+             logger=False) -> nn.Module:
+    """A quantized copy of ``model`` (the original is untouched), or ``model`` itself for ``method="fp"``.
 
-    ``calib_data`` is needed to detect shortcut splits, to set activation ranges and to reconstruct.
-    ``method="linear"``: round-to-nearest with the configured ranges. ``method="qdiff"``: AdaRound weight
-    reconstruction, then activation ranges and LSQ step sizes, block by block (``recon``: ReconConfig).
-    ``probe(unet) -> final latents`` (a sampler run from fixed noise) is needed by ``recon.output_bias_match``.
+    ``calib`` (a calibration set, or a tuple ``(x_t, t[, cond])``) is needed to detect shortcut splits, to set
+    activation ranges and to reconstruct. ``method="linear"``: round-to-nearest with min-max ranges.
+    ``method="qdiff"``: AdaRound weight reconstruction, then activation ranges and LSQ step sizes, block by
+    block (``recon``: a ReconConfig; ``work_dir``: checkpoint folder to resume from). The returned model
+    carries ``quant_specs`` (the per-layer table) and ``qdiff_report`` (per-unit MSE, rounding hardness,
+    cost; ``seconds`` splits the time into wrapping and reconstruction).
     """
-    from qdiff.errors import ConfigError
+    from qdiff.recon.config import ReconConfig
 
     if config.method == "fp":
         return model
-    calib = as_calibration(calib_data)
+    calib = as_calibration(calib)
     if calib is None:
-        raise ConfigError("quantize needs calib_data (x_t, t[, cond]) to find shortcut splits and activation ranges")
-    device = device or next(model.parameters()).device
+        raise ConfigError("quantize needs calib (a calibration set, or a tuple (x_t, t[, cond])) to find shortcut splits and activation ranges")
+    recon = recon or ReconConfig()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    t0 = time.perf_counter()
     q, specs = prepare(model, config, calib.get([0, min(1, len(calib) - 1)], device))
+    report: dict = {}
     if config.method == "qdiff":
-        from qdiff.recon import ReconConfig, reconstruct
+        from qdiff.recon import reconstruct
 
-        reconstruct(model, q, calib, config, recon or ReconConfig(), forward=forward, device=device,
-                    work_dir=work_dir, progress=progress, probe=probe)
-    elif config.quantizes_acts:
-        from qdiff.quant.act_init import init_act_quantizers
+        t1 = time.perf_counter()
+        report = reconstruct(model, q, calib, config, recon, device=device, work_dir=work_dir, progress=progress,
+                             logger=logger, act_init_samples=act_init_samples, specs=specs)
+        seconds = {"quantize": round(t1 - t0, 2), "reconstruct": round(time.perf_counter() - t1, 2)}
+    else:
+        if config.quantizes_acts:
+            from qdiff.quant.act_init import init_act_quantizers
 
-        init_act_quantizers(q, forward, calib, config.resolved_scale_method, config.lp,
-                            num_samples=act_init_samples, device=device, progress=progress)
+            init_act_quantizers(q, calib, config.resolved_scale_method, config.lp, num_samples=act_init_samples,
+                                seed=recon.seed, device=device, progress=progress)
+        seconds = {"quantize": round(time.perf_counter() - t0, 2)}
     q.quant_specs = specs
+    q.qdiff_report = {**report, "seconds": seconds}
     return q

@@ -1,72 +1,18 @@
 """The Hydra entry point's body: tracker lifecycle, run status file, one-line errors."""
 from __future__ import annotations
 
-import json
 import logging
-import os
-import socket
 import sys
-import time
 import traceback
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from qdiff.errors import QDiffError
-from qdiff.io import write_json
+from qdiff.quant.config import quant_label
+from qdiff.runstatus import COMPLETED, FAILED, INTERRUPTED, RUNNING, refuse_finished, write_status
 
 log = logging.getLogger("qdiff")
-
-
-def _job_identity() -> str | None:
-    """The scheduler job this process belongs to (kept by SLURM and submitit across requeues), else None."""
-    if os.environ.get("SLURM_JOB_ID"):
-        return f"slurm:{os.environ['SLURM_JOB_ID']}"
-    if os.environ.get("SUBMITIT_LOCAL_JOB_ID"):
-        return f"local:{socket.gethostname()}:{os.environ['SUBMITIT_LOCAL_JOB_ID']}"
-    return None
-
-
-def _is_requeued() -> bool:
-    """True in a job that SLURM or submitit's local executor started again (preemption, time-out)."""
-    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0 or os.environ.get("SUBMITIT_EXECUTOR") == "local"
-
-
-def _read_status(out_dir: Path) -> dict:
-    try:
-        return json.loads((out_dir / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _status(out_dir: Path, state: str, **extra) -> None:
-    """Write ``status.json``; the report reads it (with ``sacct``) to tell running, requeued and dead jobs apart."""
-    prev = _read_status(out_dir)
-    now = time.strftime("%Y-%m-%dT%H:%M:%S")
-    attempt = int(prev.get("attempt") or 0) + (state == "running")
-    slurm_restarts = os.environ.get("SLURM_RESTART_COUNT")
-    info = {"state": state, "job_id": _job_identity(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "slurm_array": os.environ.get("SLURM_ARRAY_JOB_ID"), "slurm_array_task": os.environ.get("SLURM_ARRAY_TASK_ID"),
-            "restarts": int(slurm_restarts) if slurm_restarts else max(0, attempt - 1), "attempt": attempt,
-            "host": socket.gethostname(), "pid": os.getpid(), "started": prev.get("started") or now,
-            "attempt_started": now if state == "running" else prev.get("attempt_started", now), "updated": now, **extra}
-    write_json(out_dir / "status.json", info)
-
-
-def _finished_by_this_job(out_dir: Path) -> dict | None:
-    """Metrics of a run that this very (requeued) scheduler job already finished, else None.
-
-    A job preempted after writing ``metrics.json`` (e.g. while W&B was closing) is started again by
-    SLURM/submitit; it must return the result, not fail. A user re-running into a finished directory is
-    still refused: only the same scheduler job, restarted, matches.
-    """
-    ident = _job_identity()
-    if ident is None or not _is_requeued() or _read_status(out_dir).get("job_id") != ident:
-        return None
-    try:
-        return json.loads((out_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def main(cfg: DictConfig, raise_errors: bool = False) -> float | None:
@@ -84,24 +30,25 @@ def main(cfg: DictConfig, raise_errors: bool = False) -> float | None:
     multirun = raise_errors or (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN)
     out_dir = Path(cfg.paths.output_dir)
     key = cfg.get("optimized_metric")
-    if (out_dir / "metrics.json").exists():
-        done = _finished_by_this_job(out_dir)
-        if done is not None:
-            log.info("%s: this job finished the run before it was requeued; returning its metrics", out_dir)
-            _status(out_dir, "completed")
-            return done.get(key) if key else None
-        return _fail(QDiffError(f"{out_dir} already holds a finished run; refusing to overwrite it"), multirun)
+    try:
+        done = refuse_finished(out_dir)
+    except QDiffError as e:
+        return _fail(e, multirun)
+    if done is not None:
+        log.info("%s: this job finished the run before it was requeued; returning its metrics", out_dir)
+        write_status(out_dir, COMPLETED)
+        return done.get(key) if key else None
     tracker = None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _status(out_dir, "running")
+        write_status(out_dir, RUNNING)
         tracker = instantiate(cfg.logger) if cfg.get("logger") else None
         if tracker is not None:
             tracker.start(OmegaConf.to_container(cfg, resolve=True), out_dir, **run_context(cfg))
         metrics, _ = run(cfg, tracker)
     except QDiffError as e:
         if out_dir.is_dir():
-            _status(out_dir, "failed", error=str(e))
+            write_status(out_dir, FAILED, error=str(e))
         if tracker is not None:
             tracker.finish(exit_code=2)
         return _fail(e, multirun)
@@ -110,12 +57,12 @@ def main(cfg: DictConfig, raise_errors: bool = False) -> float | None:
         # the report asks the scheduler whether it lives on.
         stopped = isinstance(e, (SystemExit, KeyboardInterrupt))
         if out_dir.is_dir():
-            _status(out_dir, "interrupted" if stopped else "failed", error=f"{type(e).__name__}: {e}",
-                    **({} if stopped else {"traceback": traceback.format_exc()}))
+            write_status(out_dir, INTERRUPTED if stopped else FAILED, error=f"{type(e).__name__}: {e}",
+                         **({} if stopped else {"traceback": traceback.format_exc()}))
         if tracker is not None:
             tracker.finish(exit_code=1)
         raise
-    _status(out_dir, "completed")
+    write_status(out_dir, COMPLETED)
     if tracker is not None:
         tracker.finish()
     _print_summary(metrics)
@@ -137,7 +84,7 @@ def run_context(cfg: DictConfig) -> dict:
     from hydra.types import RunMode
 
     q = cfg.get("quant") or {}
-    label = "FP" if q.get("method") == "fp" else f"W{q.get('weight_bits')}A{q.get('act_bits')}"
+    label = "FP" if q.get("method") == "fp" else quant_label(q.get("weight_bits"), q.get("act_bits"))
     name = f"{q.get('method')}-{label}"
     group = str(cfg.get("task_name"))
     if HydraConfig.initialized():

@@ -33,6 +33,11 @@ def load_state_dict_file(path: str | os.PathLike, device: str | torch.device = "
             return load_file(str(p), device=str(device))
         except Exception as e:  # safetensors raises several types for truncated/garbled headers
             raise CheckpointError(f"cannot read {p} as safetensors ({_first_line(e)}); the file is corrupt or truncated") from None
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch's zip format, or a legacy pickle
+        raise CheckpointError(f"{p} is not a checkpoint: neither safetensors nor a torch.save file "
+                              "(another kind of file, or corrupt or truncated)")
     try:
         obj = torch.load(str(p), map_location=device, weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError, EOFError ... for bad or pickled files

@@ -1,4 +1,6 @@
-"""Process-level tuning of the CPU allocator for many short-lived, tens-of-MB activation tensors.
+"""Process-level concerns of a run: seeding, per-stage time and memory, and CPU allocator tuning.
+
+Allocator: tuned for many short-lived, tens-of-MB activation tensors.
 
 glibc's malloc serves allocations above its mmap threshold with fresh mmap()s and returns freed memory
 at the top of the heap to the OS. A sampler that allocates and frees ~10-30 MB activations hundreds of
@@ -13,7 +15,13 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import resource
 import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
 
 log = logging.getLogger("qdiff")
 
@@ -40,3 +48,53 @@ def tune_allocator() -> bool:
     _done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     log.debug("malloc tuning %s", "on" if _done else "refused by libc")
     return _done
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Stages:
+    """Wall time and peak memory of each pipeline stage."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}
+        self.peak_gpu_mb: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        log.info("stage %s ...", name)
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t0, 2)
+        self.peak_rss_mb[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        if self.device.type == "cuda":
+            self.peak_gpu_mb[name] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        log.info("stage %s done in %.1f s", name, self.seconds[name])
+
+    def split(self, name: str, parts: dict[str, float]) -> None:
+        """Report stage ``name`` as ``parts`` (e.g. quantize = wrapping + reconstruction, timed by the API)."""
+        rest = self.seconds.pop(name) - sum(parts.values())
+        peaks = [(d, d.pop(name)) for d in (self.peak_rss_mb, self.peak_gpu_mb) if name in d]
+        for i, (k, v) in enumerate(parts.items()):
+            self.seconds[k] = round(v + (rest if i == 0 else 0.0), 2)  # the API's untimed remainder goes to the first
+            for d, peak in peaks:
+                d[k] = peak
+
+    def summary(self) -> dict:
+        out = {"seconds": dict(self.seconds), "total_seconds": round(sum(self.seconds.values()), 2),
+               "peak_rss_mb": max(self.peak_rss_mb.values(), default=0.0), "peak_rss_mb_by_stage": dict(self.peak_rss_mb)}
+        if self.peak_gpu_mb:
+            out["peak_gpu_mb"] = max(self.peak_gpu_mb.values())
+            out["peak_gpu_mb_by_stage"] = dict(self.peak_gpu_mb)
+        return out

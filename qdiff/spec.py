@@ -1,6 +1,8 @@
-"""The whole run's settings, validated in one place before any expensive work starts."""
+"""The whole run's settings, validated in one place before any expensive work starts (:func:`build_spec`,
+then :func:`check_inputs` for what needs files: weights, reference images, captions)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +15,8 @@ from qdiff.models.config import ModelConfig
 from qdiff.quant.config import QuantConfig
 from qdiff.recon.config import ReconConfig
 from qdiff.sampling.config import SamplerConfig
+
+log = logging.getLogger("qdiff")
 
 
 @dataclass
@@ -89,3 +93,49 @@ def build_spec(cfg) -> RunSpec:
         cache_dir=Path(paths.get("cache_dir") or Path(paths["output_dir"]) / "cache"),
         task_name=str(c.get("task_name", "qdiff")),
     )
+
+
+def check_inputs(spec: RunSpec) -> dict:
+    """Checks that need files or the network, done before any model is loaded; returns what they resolved
+    (``inception_weights``, ``clip``) for the stages that use it."""
+    from qdiff.models.paper import PAPER_MODELS, check_source
+
+    out: dict = {}
+    paper = PAPER_MODELS.get(spec.model.name)
+    if paper is not None:
+        check_source(spec.model)  # weights first: a missing model is the one thing to fix before anything else
+    if spec.model.name != "digits" and (spec.eval.fid or spec.eval.isc):
+        from qdiff.eval.fidelity import resolve_inception_weights
+
+        out["inception_weights"] = resolve_inception_weights(spec.eval.inception_weights, spec.cache_dir / "eval")
+        if spec.eval.fid and spec.model.reference is None:
+            raise ConfigError(f"{spec.model.name}: FID needs real images; set model.reference=/path/to/images (or eval.fid=false)")
+    if paper is not None and paper.text is not None:
+        from qdiff.models.prompts import load_captions
+
+        load_captions(_captions_path(spec))
+        if spec.eval.clip_score:
+            from qdiff.eval.clip import resolve_clip_model
+
+            out["clip"] = resolve_clip_model(spec.eval.clip_model)
+            if out["clip"][1]:
+                log.warning("CLIP score will be skipped: %s", out["clip"][1])
+    if spec.model.name == "digits" and spec.eval.digits_classifier is not None:
+        if not Path(spec.eval.digits_classifier).is_file():
+            raise ConfigError(f"eval.digits_classifier not found: {spec.eval.digits_classifier}")
+    return out
+
+
+def _captions_path(spec: RunSpec) -> str:
+    if spec.model.prompts is None:
+        raise ConfigError(f"{spec.model.name} is text-guided: set model.prompts=/path/to/captions (COCO JSON/TSV/TXT)")
+    return spec.model.prompts
+
+
+def run_prompts(model, spec: RunSpec, n: int, seed: int) -> list[str] | None:
+    """``n`` captions drawn with ``seed`` from ``model.prompts`` for a text-guided model, else None."""
+    if not model.is_text_guided:
+        return None
+    from qdiff.models.prompts import load_captions, sample_prompts
+
+    return sample_prompts(load_captions(_captions_path(spec)), n, seed)

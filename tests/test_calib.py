@@ -25,7 +25,7 @@ def test_uniform_set_keeps_n_inputs_every_c_steps(digits_model, tmp_path):
     assert calib.x.shape == (15, 1, 16, 16) and isinstance(calib.x, np.memmap), "streamed from disk"
     # the first kept input is the sampler's starting noise
     x0, t0, _ = calib.get(np.where(calib.step == 0)[0])
-    assert torch.allclose(x0, initial_noise(digits_model, 3, 7))
+    assert torch.allclose(x0, initial_noise(digits_model.sample_shape, 3, 7))
     assert (t0 == t0[0]).all() and int(t0[0]) == 900  # DDIM-10 on 1000 training steps, leading spacing: 900, 800, ...
 
 

@@ -67,6 +67,7 @@ def test_bad_values_raise_config_error(override, message, compose_cfg):
         build_spec(compose_cfg(override))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["model=nope"], "Could not find 'model/nope'"),
     (["sampler=euler"], "Could not find 'sampler/euler'"),
@@ -86,6 +87,7 @@ def test_cli_rejects_bad_input_in_one_line_before_any_work(args, message, tmp_pa
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_cli_unreadable_checkpoint_is_one_line(tmp_path):
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"\x00\x01 not a checkpoint")
@@ -96,6 +98,7 @@ def test_cli_unreadable_checkpoint_is_one_line(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_missing_weights_say_how_to_make_them(tmp_path):
     r = run_cli(["quant=fp", f"model.source={tmp_path / 'missing.safetensors'}", *TINY,
                  f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, timeout=120)
@@ -103,6 +106,7 @@ def test_cli_missing_weights_say_how_to_make_them(tmp_path):
     assert "experiments/train_digits.py" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_run_never_overwrites_a_finished_run(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -110,3 +114,34 @@ def test_run_never_overwrites_a_finished_run(tmp_path):
     r = run_cli(["quant=fp", *TINY, f"hydra.run.dir={run}"], tmp_path, timeout=120)
     assert r.returncode == 2 and "refusing to overwrite" in r.stderr
     assert (run / "metrics.json").read_text() == '{"fid": 1.0}'
+
+
+def test_calibration_schedule_is_checked_only_where_data_is_collected(compose_cfg):
+    # an FP run collects no calibration data: a c that does not fit the sampler's steps is no error there
+    spec = build_spec(compose_cfg("quant=fp", "sampler.steps=2"))
+    assert spec.calib.c > spec.calib.T and not spec.quant.enabled
+    with pytest.raises(ConfigError, match=__import__("re").escape("calib.c (5) must be <= calib.T (2)")):
+        build_spec(compose_cfg("sampler.steps=2"))
+
+
+def test_small_sample_count_gets_fitting_is_splits(compose_cfg):
+    assert build_spec(compose_cfg("eval.n_samples=8")).eval.isc_splits == 8
+    assert build_spec(compose_cfg()).eval.isc_splits == 10
+    with pytest.raises(ConfigError, match="eval.isc_splits must be in"):
+        build_spec(compose_cfg("eval.n_samples=8", "eval.isc_splits=9"))
+
+
+def test_fp_is_w32a32_whatever_bits_the_config_carries(compose_cfg):
+    spec = build_spec(compose_cfg("quant.method=fp"))   # quant=w4a8's bits, method fp
+    assert (spec.quant.weight_bits, spec.quant.act_bits, spec.quant.label) == (32, 32, "W32A32")
+
+
+@pytest.mark.slow
+def test_cli_non_checkpoint_source_is_one_line(tmp_path):
+    notes = tmp_path / "notes.pt"
+    notes.write_text("these are my notes, not weights\n")
+    r = run_cli(["quant=fp", f"model.source={notes}", *TINY, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, timeout=120)
+    assert r.returncode == 2
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "notes.pt is not a checkpoint" in err[0], r.stderr[-1000:]
+    assert "weights_only" not in r.stderr and "Traceback" not in r.stderr

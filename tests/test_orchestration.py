@@ -138,6 +138,7 @@ def local_sweep(tmp_path_factory) -> Path:
     return sweep
 
 
+@pytest.mark.slow
 def test_local_sweep_report_lists_every_job_and_wandb_groups_the_sweep(local_sweep):
     sweep, tmp_path = local_sweep, local_sweep.parent
     assert read_json(sweep / "2" / "status.json")["state"] == "failed"
@@ -196,6 +197,7 @@ def test_local_sweep_report_lists_every_job_and_wandb_groups_the_sweep(local_swe
     assert read_json(sweep / "0" / "status.json") == st
 
 
+@pytest.mark.slow
 def test_report_on_a_single_run_dir_and_on_a_directory_of_runs(local_sweep, tmp_path):
     import shutil
 

@@ -16,7 +16,7 @@ from conftest import ROOT
 from orchestration_util import env, read_json, tiny
 from test_slurm_cluster import _run, _sacct_final, _wait, slurm_cluster  # noqa: F401 - the module's skip fixture
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def _launch(args: list[str], cwd: Path) -> subprocess.Popen:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from qdiff.models import DiffusionModel, ModelConfig, ModelConfigError, WeightsNotFoundError, load_model
 from qdiff.models import ldm_convert as lc
+from qdiff.models.base import eps as model_eps
 from qdiff.models import paper
 from qdiff.models.prompts import load_captions, sample_prompts
 from qdiff.models.reference import load_reference_images
@@ -111,7 +112,7 @@ def test_full_size_architectures_match_official_parameter_counts(name):
         if name in FIRST_STAGE_PARAMS:
             assert paper.n_params(paper.build_first_stage(name)) == FIRST_STAGE_PARAMS[name]
         if name == "sd14":
-            assert paper.n_params(paper._text_encoder(paper.SD14_TEXT)) == SD_TEXT_PARAMS
+            assert paper.n_params(paper.build_text_encoder(paper.SD14_TEXT)) == SD_TEXT_PARAMS
 
 
 def test_church_unet_uses_eight_heads_at_every_width():
@@ -151,7 +152,7 @@ def test_width_reduced_random_init_predicts_noise_and_decodes(name):
     x = torch.randn(2, c, h, w)
     t = torch.tensor([1, 999])
     with torch.no_grad():
-        eps = model.eps(model.unet, x, t, _cond(model, 2))
+        eps = model_eps(model.unet, x, t, _cond(model, 2))
     assert eps.shape == x.shape and torch.isfinite(eps).all()
     img = model.decode(x)
     side = 16 if model.is_latent else 8
@@ -182,7 +183,7 @@ def test_sd14_tiny_text_path_encodes_real_coco_captions():
     assert not torch.allclose(emb, empty)
     x = torch.randn(3, *model.sample_shape)
     with torch.no_grad():
-        eps = model.eps(model.unet, x, torch.tensor([10, 500, 990]), {"encoder_hidden_states": emb})
+        eps = model_eps(model.unet, x, torch.tensor([10, 500, 990]), {"encoder_hidden_states": emb})
     assert eps.shape == x.shape
 
 
@@ -294,7 +295,7 @@ def test_converted_unet_computes_what_the_original_architecture_computes(name):
         kw = dict(ch=32, mult=[1, 2, 2], attn_ds={1, 2}, heads=lambda c: 8, scale_shift=True, updown=True)
     with torch.no_grad():
         want = _reference_ldm_unet(orig, x, t, n_res=1, **kw)
-        got = model.eps(model.unet, x, t)
+        got = model_eps(model.unet, x, t)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
 
 
@@ -350,7 +351,7 @@ def test_converted_cifar_unet_computes_what_the_ddim_repo_model_computes():
     x, t = torch.randn(2, *model.sample_shape), torch.tensor([0, 640])
     with torch.no_grad():
         want = _reference_ddpm_unet(orig, x, t, ch=32, mult=[1, 2], n_res=1, attn_levels={1})
-        got = model.eps(model.unet, x, t)
+        got = model_eps(model.unet, x, t)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
 
 
@@ -428,7 +429,7 @@ def test_original_checkpoint_file_reproduces_outputs(name, fmt, tmp_path):
     assert loaded.meta["format"].startswith("original")
     x, t = torch.randn(2, *ref.sample_shape), torch.tensor([7, 700])
     with torch.no_grad():
-        assert torch.equal(ref.eps(ref.unet, x, t, _cond(ref, 2)), loaded.eps(loaded.unet, x, t, _cond(loaded, 2)))
+        assert torch.equal(model_eps(ref.unet, x, t, _cond(ref, 2)), model_eps(loaded.unet, x, t, _cond(loaded, 2)))
     if name == "ldm_church":  # LDM-8 scales latents by the factor stored in its checkpoint
         assert loaded.latent_scale == pytest.approx(0.3)
         assert torch.equal(ref.vae.decode(x / 0.3).sample.clamp(-1, 1), loaded.decode(x))
@@ -490,7 +491,7 @@ def test_diffusers_folder_source_loads_the_same_model(name, tmp_path):
     assert loaded.meta["format"] == "diffusers"
     cond = _cond(ref, 2)
     with torch.no_grad():
-        assert torch.equal(ref.eps(ref.unet, x, t, cond), loaded.eps(loaded.unet, x, t, cond))
+        assert torch.equal(model_eps(ref.unet, x, t, cond), model_eps(loaded.unet, x, t, cond))
     if ref.vae is not None:
         assert torch.equal(ref.vae.decode(x).sample, loaded.vae.decode(x).sample)
     if name == "ldm_church":  # the head count is not part of the diffusers config; the loader restores it

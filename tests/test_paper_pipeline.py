@@ -326,7 +326,7 @@ def test_reconstruction_streamed_from_disk_equals_in_memory(tmp_path, monkeypatc
     from qdiff.models.prompts import load_captions, sample_prompts
     from qdiff.quant import QuantConfig
     from qdiff.recon import ReconConfig, reconstruct
-    from qdiff.recon import engine
+    from qdiff.recon import steps as steps_mod
     from qdiff.sampling import SamplerConfig
 
     torch.manual_seed(0)
@@ -336,7 +336,7 @@ def test_reconstruction_streamed_from_disk_equals_in_memory(tmp_path, monkeypatc
                                    prompts=prompts, progress=False)
     qcfg = QuantConfig(method="qdiff", weight_bits=4, act_bits=8, scale_method="minmax")  # no Lp grid search: faster
     stores: dict[str, set] = {"memory": set(), "disk": set()}
-    capture = engine.capture_unit
+    capture = steps_mod.capture_unit
 
     def spy(*args, **kwargs):
         cache = capture(*args, **kwargs)
@@ -344,7 +344,7 @@ def test_reconstruction_streamed_from_disk_equals_in_memory(tmp_path, monkeypatc
                                      else type(v).__name__ for k, v in cache.slots.items())
         return cache
 
-    monkeypatch.setattr(engine, "capture_unit", spy)
+    monkeypatch.setattr(steps_mod, "capture_unit", spy)
     states = {}
     for storage in ("memory", "disk"):
         q, _ = prepare(model.unet, qcfg, calib.get([0, 1]))
@@ -376,6 +376,7 @@ def test_bf16_mixed_reconstruction_runs_on_cpu_and_16_mixed_is_refused(compose_c
 
 # --- offline ------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, names_weights", [
     ("sd14", "CompVis/stable-diffusion-v1-4"),
     ("ldm_bedroom", "https://ommer-lab.com/files/latent-diffusion/lsun_bedrooms.zip"),

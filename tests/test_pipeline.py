@@ -1,6 +1,8 @@
 """The end-to-end FP pipeline: CLI run outputs, determinism, FID sanity against the noise floor, W&B offline."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import torch
@@ -11,6 +13,7 @@ from qdiff.eval.fidelity import compute_metrics
 from qdiff.sampling import SamplerConfig, generate
 
 
+@pytest.mark.slow
 def test_tiny_cli_run_writes_its_own_outputs(tmp_path):
     r = run_cli(["quant=fp", *TINY, f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -44,6 +47,7 @@ def test_every_sampler_runs(digits_model):
         assert x.shape == (4, 1, 16, 16) and torch.isfinite(x).all() and x.abs().max() <= 1
 
 
+@pytest.mark.slow
 def test_fp_fid_is_near_noise_floor_and_noise_is_far_above(digits_model, digits_real):
     ev = EvalConfig(n_samples=256, isc_splits=4)
     g = torch.Generator().manual_seed(0)
@@ -57,6 +61,7 @@ def test_fp_fid_is_near_noise_floor_and_noise_is_far_above(digits_model, digits_
     assert fp["is"] > 2 * noise["is"]
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_is_created(tmp_path):
     r = run_cli(["quant=fp", *TINY, "logger=wandb", f"hydra.run.dir={tmp_path / 'run'}",
                  f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path, env={"WANDB_MODE": "offline"})

@@ -201,7 +201,7 @@ def test_bad_quant_settings(kwargs, message):
 
 
 def test_quantize_needs_calibration_data():
-    with pytest.raises(ConfigError, match="calib_data"):
+    with pytest.raises(ConfigError, match="needs calib"):
         qdiff.quantize(TinyUNet(), QuantConfig(method="linear"))
 
 

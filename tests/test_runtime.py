@@ -18,6 +18,7 @@ def _run(env_value: str | None) -> str:
     return subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, env=env, check=True).stdout.strip()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_allocator_tuning_applies_once_and_can_be_switched_off():
     assert _run(None) == "True True"

@@ -16,7 +16,7 @@ from typing import Callable, TypeVar
 
 import pytest
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 T = TypeVar("T")
 

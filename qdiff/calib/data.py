@@ -18,11 +18,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from qdiff.cache import Entry
 from qdiff.calib.config import CalibConfig
+from qdiff.errors import ConfigError
 from qdiff.io import NpyRowWriter, read_rows, write_json
 from qdiff.models.base import DiffusionModel, fingerprint
 from qdiff.sampling.config import SamplerConfig
-from qdiff.sampling.samplers import denoise, initial_noise, prompt_conditioning
+from qdiff.sampling.samplers import Trajectory, batch_generator, initial_noise, prompt_conditioning
+
+#: Bumped when what a stored set holds changes, so that older cache entries are not misread.
+FORMAT = 2
 
 
 class CalibrationSet:
@@ -69,34 +74,66 @@ class CalibrationSet:
     def timesteps(self) -> np.ndarray:
         return np.unique(self.t)
 
+    @torch.no_grad()
+    def final_latents(self, unet: torch.nn.Module, n: int) -> torch.Tensor:
+        """Final samples of the first ``n`` calibration trajectories, replayed to the end with ``unet``.
 
-def calibration_key(model: DiffusionModel, sampler: SamplerConfig, calib: CalibConfig, prompts: Sequence[str] | None) -> str:
-    ident = {
-        "model": model.name, "weights": model.meta.get("fingerprint") or fingerprint(model.unet),
+        Same noise, prompts, sampler and T as the collection (all in ``meta``), so an FP and a quantized
+        UNet can be compared on whole sampling runs (the output bias match's probe).
+        """
+        m = self.meta
+        n = min(n, m["n_trajectories"])
+        device = next(unet.parameters()).device
+        noise = initial_noise(m["sample_shape"], m["n_trajectories"], m["calib"]["seed"])[:n]
+        cond = uncond = None
+        if self.cond is not None:  # trajectory j's conditioning is row j (the first kept step)
+            c = torch.from_numpy(np.ascontiguousarray(self.cond[:n])).to(device)
+            cond = {"encoder_hidden_states": c}
+            uncond = {"encoder_hidden_states": torch.from_numpy(self.uncond).to(device).expand_as(c)}
+        traj = Trajectory(m["scheduler_config"], m["guidance"], unet, SamplerConfig(**m["sampler"]), noise.to(device),
+                          cond, uncond, batch_generator(m["calib"]["seed"], 0))
+        for _ in traj:
+            pass
+        return traj.x.float().cpu()
+
+
+def calibration_ident(model: DiffusionModel, sampler: SamplerConfig, calib: CalibConfig, prompts: Sequence[str] | None) -> dict:
+    """Everything that determines a calibration set (its cache key hashes this)."""
+    return {
+        "format": FORMAT, "model": model.name, "weights": model.meta.get("fingerprint") or fingerprint(model.unet),
         "sampler": sampler.name, "eta": sampler.eta, "T": calib.T, "c": calib.c, "n": calib.n,
         "mode": calib.mode, "seed": calib.seed, "guidance": model.guidance_scale if model.is_text_guided else None,
         "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest() if prompts else None,
         "scheduler": model.scheduler_config,
     }
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class _StopSampling(Exception):
-    pass
-
-
-@torch.no_grad()
 def collect_calibration(model: DiffusionModel, sampler: SamplerConfig, calib: CalibConfig, cache_dir: Path,
                         device: torch.device | str = "cpu", prompts: Sequence[str] | None = None,
                         progress: bool = True) -> tuple[CalibrationSet, bool]:
-    """The calibration set for these settings, from the cache or freshly collected; returns (set, cache_hit)."""
-    assert calib.T is not None, "resolve calib.T first"
-    key = calibration_key(model, sampler, calib, prompts)
-    root = Path(cache_dir) / "calib" / key
-    if calib.cache and (root / "COMPLETE").exists():
-        return CalibrationSet(root), True
-    if root.exists():
-        shutil.rmtree(root)  # an interrupted collection: start over
+    """The calibration set for these settings, from the cache or freshly collected; returns (set, cache_hit).
+
+    Concurrent jobs of a sweep share the cache: one collects while the others wait, then reuse it.
+    """
+    if calib.T is None:
+        raise ConfigError("calib.T is not set: give it, or resolve it from the sampler's steps (CalibConfig.resolve)")
+    if calib.c > calib.T:
+        raise ConfigError(f"calib.c ({calib.c}) must be <= calib.T ({calib.T})")
+    entry = Entry(cache_dir, "calib", calibration_ident(model, sampler, calib, prompts))
+    with entry.locked("calibration data"):
+        if calib.cache and (entry.path / "COMPLETE").exists():
+            return CalibrationSet(entry.path), True
+        if entry.path.exists():
+            shutil.rmtree(entry.path)  # an interrupted collection, or caching off: start over
+        _collect(model, sampler, calib, entry, device, prompts, progress)
+    return CalibrationSet(entry.path), False
+
+
+@torch.no_grad()
+def _collect(model: DiffusionModel, sampler: SamplerConfig, calib: CalibConfig, entry: Entry, device,
+             prompts: Sequence[str] | None, progress: bool) -> None:
+    """Run the FP sampler for T steps and write the inputs of the kept steps (Algorithm 1) into ``entry``."""
+    root = entry.path
     root.mkdir(parents=True)
     csampler = replace(sampler, steps=calib.T)
     T, c, n = calib.T, calib.c, calib.n
@@ -115,7 +152,7 @@ def collect_calibration(model: DiffusionModel, sampler: SamplerConfig, calib: Ca
     text_prompts = list(prompts) if prompts is not None else None
     if model.is_text_guided and (text_prompts is None or len(text_prompts) < n_traj):
         raise ValueError(f"{model.name}: calibration needs {n_traj} prompts")
-    noise = initial_noise(model, n_traj, calib.seed)
+    noise = initial_noise(model.sample_shape, n_traj, calib.seed)
     bar = tqdm(total=n_traj, desc=f"calibration data ({calib.mode}, T={T}, c={c}, n={n})", unit="traj", disable=not progress)
     for start in range(0, n_traj, calib.batch_size):
         end = min(n_traj, start + calib.batch_size)
@@ -124,24 +161,19 @@ def collect_calibration(model: DiffusionModel, sampler: SamplerConfig, calib: Ca
             e = cond["encoder_hidden_states"]
             cond_out = NpyRowWriter(root / "cond.npy", (N, *e.shape[1:]))
             np.save(root / "uncond.npy", uncond["encoder_hidden_states"][:1].float().cpu().numpy())
-
-        def on_step(i, t, x_in, cond_, _uncond, start=start, end=end):
-            if i not in kept_pos:
-                return
-            rows = slice(kept_pos[i] * n_traj + start, kept_pos[i] * n_traj + end)
-            x_out.write(rows, x_in.float().cpu().numpy())
-            t_arr[rows] = t.cpu().numpy()
-            step_arr[rows] = i
-            if cond_ is not None:
-                cond_out.write(rows, cond_["encoder_hidden_states"].float().cpu().numpy())
-            if i == kept[-1]:
-                raise _StopSampling
-
-        gen = torch.Generator("cpu").manual_seed(calib.seed * 1_000_003 + start)
-        try:
-            denoise(model, model.unet, csampler, noise[start:end].to(device), cond, uncond, gen, on_step=on_step)
-        except _StopSampling:
-            pass
+        traj = Trajectory(model.scheduler_config, model.guidance_scale, model.unet, csampler, noise[start:end].to(device),
+                          cond, uncond, batch_generator(calib.seed, start))
+        for step in traj:
+            if step.index not in kept_pos:
+                continue
+            rows = slice(kept_pos[step.index] * n_traj + start, kept_pos[step.index] * n_traj + end)
+            x_out.write(rows, step.x_in.float().cpu().numpy())
+            t_arr[rows] = step.t.cpu().numpy()
+            step_arr[rows] = step.index
+            if cond is not None:
+                cond_out.write(rows, cond["encoder_hidden_states"].float().cpu().numpy())
+            if step.index == kept[-1]:
+                break
         bar.update(end - start)
     bar.close()
     x_out.close()
@@ -149,10 +181,12 @@ def collect_calibration(model: DiffusionModel, sampler: SamplerConfig, calib: Ca
         cond_out.close()
     np.save(root / "t.npy", t_arr)
     np.save(root / "step.npy", step_arr)
-    write_json(root / "meta.json", {"key": key, "calib": asdict(calib), "sampler": asdict(csampler), "model": model.name,
-                                    "N": N, "kept_steps": kept, "text_guided": model.is_text_guided})
+    write_json(root / "meta.json", {
+        "key": entry.key, "ident": entry.ident, "calib": asdict(calib), "sampler": asdict(csampler), "model": model.name,
+        "N": N, "kept_steps": kept, "text_guided": model.is_text_guided, "n_trajectories": n_traj,
+        "sample_shape": list(model.sample_shape), "scheduler_config": model.scheduler_config,
+        "guidance": model.guidance_scale if model.is_text_guided else 1.0})
     (root / "COMPLETE").write_text("ok\n")
-    return CalibrationSet(root), False
 
 
 class TensorCalibration:

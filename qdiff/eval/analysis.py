@@ -16,31 +16,29 @@ from torch import nn
 from qdiff.models.base import DiffusionModel
 from qdiff.quant.layers import LAYER_REGISTRY
 from qdiff.sampling.config import SamplerConfig
-from qdiff.sampling.samplers import build_scheduler, guided_eps, initial_noise, prompt_conditioning, step_kwargs
+from qdiff.sampling.samplers import Trajectory, guided_eps, initial_noise, prompt_conditioning
+
+
+def _trajectory(model: DiffusionModel, unet: nn.Module, sampler: SamplerConfig, n: int, seed: int, device,
+                prompts: list[str] | None) -> Trajectory:
+    cond, uncond = prompt_conditioning(model, prompts[:n] if prompts else [], device)
+    x_T = initial_noise(model.sample_shape, n, seed).to(device)
+    return Trajectory(model.scheduler_config, model.guidance_scale, unet, sampler, x_T, cond, uncond,
+                      torch.Generator("cpu").manual_seed(seed))
 
 
 @torch.no_grad()
 def step_mse(model: DiffusionModel, fp_unet: nn.Module, q_unet: nn.Module, sampler: SamplerConfig, n: int, seed: int,
              device: torch.device | str = "cpu", prompts: list[str] | None = None) -> pd.DataFrame:
-    """Per-step MSE of quantized vs FP noise predictions over ``n`` trajectories."""
-    x = initial_noise(model, n, seed).to(device)
-    s_fp, s_q = build_scheduler(sampler, model.scheduler_config), build_scheduler(sampler, model.scheduler_config)
-    x_fp, x_q = x * s_fp.init_noise_sigma, x * s_q.init_noise_sigma
-    cond, uncond = prompt_conditioning(model, prompts[:n] if prompts else [], device)
-    g_fp, g_q = torch.Generator("cpu").manual_seed(seed), torch.Generator("cpu").manual_seed(seed)
-    kw_fp, kw_q = step_kwargs(s_fp, sampler, g_fp), step_kwargs(s_q, sampler, g_q)
+    """Per-step MSE of quantized vs FP noise predictions over ``n`` trajectories (both walked in lockstep)."""
+    fp = _trajectory(model, fp_unet, sampler, n, seed, device, prompts)
+    q = _trajectory(model, q_unet, sampler, n, seed, device, prompts)
     rows = []
-    for i, t in enumerate(s_fp.timesteps):
-        tt = t.to(device).expand(n)
-        in_fp, in_q = s_fp.scale_model_input(x_fp, t), s_q.scale_model_input(x_q, t)
-        e_fp = guided_eps(model, fp_unet, in_fp, tt, cond, uncond, model.guidance_scale)
-        e_q = guided_eps(model, q_unet, in_q, tt, cond, uncond, model.guidance_scale)
-        e_q_local = guided_eps(model, q_unet, in_fp, tt, cond, uncond, model.guidance_scale)
-        rows.append({"step": i, "t": int(t), "mse_accumulated": float(((e_fp - e_q) ** 2).mean()),
-                     "mse_local": float(((e_fp - e_q_local) ** 2).mean()),
-                     "x_mse": float(((x_fp - x_q) ** 2).mean())})
-        x_fp = s_fp.step(e_fp, t, x_fp, **kw_fp).prev_sample
-        x_q = s_q.step(e_q, t, x_q, **kw_q).prev_sample
+    for s_fp, s_q in zip(fp, q):
+        e_local = guided_eps(q_unet, s_fp.x_in, s_fp.t, fp.cond, fp.uncond, fp.guidance)
+        rows.append({"step": s_fp.index, "t": int(s_fp.t[0]), "mse_accumulated": float(((s_fp.eps - s_q.eps) ** 2).mean()),
+                     "mse_local": float(((s_fp.eps - e_local) ** 2).mean()),
+                     "x_mse": float(((s_fp.x - s_q.x) ** 2).mean())})
     return pd.DataFrame(rows)
 
 
@@ -48,29 +46,22 @@ def step_mse(model: DiffusionModel, fp_unet: nn.Module, q_unet: nn.Module, sampl
 def activation_ranges(model: DiffusionModel, unet: nn.Module, sampler: SamplerConfig, n: int, seed: int,
                       device: torch.device | str = "cpu", prompts: list[str] | None = None) -> pd.DataFrame:
     """Output min/max of every Conv/Linear layer of ``unet`` at every sampling step (one row per layer x step)."""
-    from qdiff.sampling.samplers import denoise
-
-    state = {"step": 0, "t": 0}
+    seen: list[dict] = []   # this step's layer outputs, labelled with the step once it is done
     rows: list[dict] = []
     hooks = []
     for name, m in unet.named_modules():
         if type(m) in LAYER_REGISTRY or getattr(m, "org_type", None):
             def hook(_m, _i, out, name=name):
-                rows.append({"layer": name, "step": state["step"], "t": state["t"],
-                             "min": float(out.amin()), "max": float(out.amax())})
+                seen.append({"layer": name, "min": float(out.amin()), "max": float(out.amax())})
             hooks.append(m.register_forward_hook(hook))
-
-    def on_step(i, t, *_):
-        state.update(step=i, t=int(t[0]))
-
-    cond, uncond = prompt_conditioning(model, prompts[:n] if prompts else [], device)
     try:
-        denoise(model, unet, sampler, initial_noise(model, n, seed).to(device), cond, uncond,
-                torch.Generator("cpu").manual_seed(seed), on_step=on_step)
+        for step in _trajectory(model, unet, sampler, n, seed, device, prompts):
+            rows += [{**r, "step": step.index, "t": int(step.t[0])} for r in seen]
+            seen.clear()
     finally:
         for h in hooks:
             h.remove()
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows)[["layer", "step", "t", "min", "max"]]
     return df.groupby(["layer", "step", "t"], sort=False).agg({"min": "min", "max": "max"}).reset_index()
 
 

@@ -17,8 +17,8 @@ class EvalConfig:
     fid: bool = True
     #: Compute the Inception Score (with the digits classifier for ``digits``).
     isc: bool = True
-    #: IS splits (torch-fidelity default 10).
-    isc_splits: int = 10
+    #: IS splits; None = torch-fidelity's 10, or n_samples when fewer.
+    isc_splits: int | None = None
     #: Feature-extraction batch size.
     batch_size: int = 256
     #: Local InceptionV3 weights for RGB models (torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``
@@ -26,8 +26,12 @@ class EvalConfig:
     inception_weights: str | None = None
     #: Digits classifier weights used as torch-fidelity feature extractor; ``None`` = the bundled ones.
     digits_classifier: str | None = None
-    #: Images in the saved sample grid.
+    #: Images per model in ``samples.png`` (FP | quantized | linear, from the same noise).
     grid_size: int = 64
+    #: Upscaling of those images (nearest neighbour), so that small images stay readable.
+    grid_scale: int = 4
+    #: In a qdiff run, also sample the grid's images with round-to-nearest at the same bits (a few seconds).
+    grid_linear: bool = True
     #: Save all generated samples as ``samples.safetensors`` in the run directory.
     save_samples: bool = True
     #: Per-step FP-vs-quantized output MSE (paper Fig. 2) and activation ranges (Figs. 3, 6) for quantized runs.
@@ -50,8 +54,10 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.n_samples < 2:
             raise ConfigError(f"eval.n_samples must be >= 2 (FID needs a covariance), got {self.n_samples}")
-        if self.batch_size <= 0 or self.grid_size < 0 or self.analysis_batch <= 0:
-            raise ConfigError("eval.batch_size and eval.analysis_batch must be > 0 and eval.grid_size >= 0")
+        if self.batch_size <= 0 or self.grid_size < 0 or self.analysis_batch <= 0 or self.grid_scale < 1:
+            raise ConfigError("eval.batch_size, eval.analysis_batch and eval.grid_scale must be > 0 and eval.grid_size >= 0")
+        if self.isc_splits is None:
+            self.isc_splits = min(10, self.n_samples)
         if self.isc_splits <= 0 or self.isc_splits > self.n_samples:
             raise ConfigError(f"eval.isc_splits must be in [1, n_samples], got {self.isc_splits}")
         if self.prompts_grid is None:

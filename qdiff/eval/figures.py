@@ -1,4 +1,4 @@
-"""Sample grids and simple plots written into run directories."""
+"""Sample figures written into run directories: the FP-vs-quantized comparison and the prompt grid."""
 from __future__ import annotations
 
 import math
@@ -7,15 +7,33 @@ from pathlib import Path
 import torch
 
 
-def save_grid(images: torch.Tensor, path: str | Path, n: int = 64) -> None:
-    """First ``n`` images ([-1, 1]) as a square PNG grid."""
-    from torchvision.utils import save_image
+def _tile(images: torch.Tensor, nrow: int, scale: int = 1) -> "Image.Image":  # noqa: F821 - PIL imported lazily
+    """Images in [-1, 1] as one RGB grid with ``nrow`` per row, upscaled ``scale`` times (nearest: pixels stay sharp)."""
+    from PIL import Image
+    from torchvision.utils import make_grid
 
-    n = min(n, images.shape[0])
-    if n == 0:
-        return
-    nrow = max(1, int(math.ceil(math.sqrt(n))))
-    save_image((images[:n].clamp(-1, 1) + 1) / 2, str(path), nrow=nrow, padding=1, pad_value=1.0)
+    g = make_grid(((images.clamp(-1, 1) + 1) / 2).expand(-1, 3, -1, -1), nrow=nrow, padding=2, pad_value=1.0)
+    im = Image.fromarray(g.mul(255).round().byte().permute(1, 2, 0).numpy())
+    return im.resize((im.width * scale, im.height * scale), Image.NEAREST) if scale > 1 else im
+
+
+def save_comparison(panels: list[tuple[str, torch.Tensor]], path: str | Path, scale: int = 1) -> None:
+    """Labelled sample grids side by side (e.g. FP | quantized | linear from the same noise) as one PNG."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    line, gap = 16, 16
+    tiles = [(label, _tile(images, max(1, int(math.ceil(math.sqrt(images.shape[0])))), scale)) for label, images in panels]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widths = [max(im.width, int(measure.textlength(label, font=font)) + 4) for label, im in tiles]
+    canvas = Image.new("RGB", (sum(widths) + gap * (len(tiles) - 1), line + max(im.height for _, im in tiles)), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for (label, im), w in zip(tiles, widths):
+        draw.text((x + 2, 2), label, fill="black", font=font)
+        canvas.paste(im, (x, line))
+        x += w + gap
+    canvas.save(str(path))
 
 
 def save_prompt_grid(rows: list[tuple[str, list[torch.Tensor]]], labels: list[str], path: str | Path) -> None:
@@ -25,17 +43,12 @@ def save_prompt_grid(rows: list[tuple[str, list[torch.Tensor]]], labels: list[st
     same n and noise for every model; ``labels`` names the models over their columns.
     """
     from PIL import Image, ImageDraw, ImageFont
-    from torchvision.utils import make_grid
 
     font = ImageFont.load_default()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     pad, gap, line = 4, 12, 14
 
-    def to_pil(images: torch.Tensor) -> Image.Image:
-        g = make_grid(((images.clamp(-1, 1) + 1) / 2).expand(-1, 3, -1, -1), nrow=images.shape[0], padding=2, pad_value=1.0)
-        return Image.fromarray(g.mul(255).round().byte().permute(1, 2, 0).numpy())
-
-    tiles = [(prompt, [to_pil(g) for g in groups]) for prompt, groups in rows]
+    tiles = [(prompt, [_tile(g, g.shape[0]) for g in groups]) for prompt, groups in rows]
     widths = [max(max(t[1][k].width for t in tiles), int(measure.textlength(label, font=font)) + 2 * pad)
               for k, label in enumerate(labels)]
     xs = [sum(widths[:k]) + gap * k for k in range(len(widths))]

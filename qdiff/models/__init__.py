@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from qdiff.models.base import DiffusionModel, ModelConfigError, WeightsNotFoundError, unwrap_output
+from qdiff.models.base import DiffusionModel, ModelConfigError, WeightsNotFoundError, eps, unwrap_output
 from qdiff.models.config import ModelConfig
 
 MODEL_REGISTRY: dict[str, Callable[[ModelConfig], DiffusionModel]] = {}
@@ -40,5 +40,5 @@ def _import_loaders() -> None:
 
 __all__ = [
     "DiffusionModel", "ModelConfig", "ModelConfigError", "WeightsNotFoundError", "MODEL_REGISTRY",
-    "register_model", "load_model", "check_model_name", "unwrap_output",
+    "register_model", "load_model", "check_model_name", "eps", "unwrap_output",
 ]

@@ -19,6 +19,11 @@ class ModelConfigError(ConfigError):
     """Bad model settings (unknown name, bad architecture override, unreadable checkpoint, ...)."""
 
 
+def eps(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+    """Noise prediction of ``unet`` (FP or quantized) at (x_t, t, cond): the one way every stage calls a model."""
+    return unwrap_output(unet(x, t, **(cond or {})))
+
+
 def unwrap_output(out: Any) -> torch.Tensor:
     """Tensor from a diffusers ``*Output`` (``.sample``), a tuple, or a plain tensor."""
     if isinstance(out, torch.Tensor):
@@ -69,10 +74,6 @@ class DiffusionModel:
     @property
     def is_text_guided(self) -> bool:
         return self.encode_prompts is not None
-
-    def eps(self, unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
-        """Noise prediction of ``unet`` (the FP or the quantized one) at (x_t, t, cond)."""
-        return unwrap_output(unet(x, t, **(cond or {})))
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -7,16 +7,13 @@ true min/max), so memory stays bounded however large the model or the set.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qdiff.quant.wrap import act_quantizers, set_act_quant
-
-ForwardFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, dict], torch.Tensor]
+from qdiff.models.base import eps
+from qdiff.quant.wrap import act_quantizers, activations_fp
 
 
 class _Stats:
@@ -39,7 +36,7 @@ class _Stats:
 
 
 @torch.no_grad()
-def init_act_quantizers(model: nn.Module, forward: ForwardFn, calib, method: str, p: float = 2.4,
+def init_act_quantizers(model: nn.Module, calib, method: str, p: float = 2.4,
                         num_samples: int = 256, batch_size: int = 32, seed: int = 0, max_values: int = 65536,
                         device: torch.device | str = "cpu", progress: bool = True) -> dict[str, tuple[float, float]]:
     """Set every activation quantizer's range from ``num_samples`` calibration inputs; returns the ranges."""
@@ -53,22 +50,20 @@ def init_act_quantizers(model: nn.Module, forward: ForwardFn, calib, method: str
     gen = torch.Generator().manual_seed(seed)
     stats = {name: _Stats(max(1, max_values // n_batches), gen) for name, _ in qs}
     hooks = [q.register_forward_pre_hook(lambda _m, inp, s=stats[name]: s.update(inp[0])) for name, q in qs]
-    set_act_quant(model, False)
     try:
-        for x, t, cond in tqdm(calib.batches(batch_size, idx, device), total=n_batches, desc="activation ranges",
-                               disable=not progress, leave=False):
-            forward(model, x, t, cond)
+        with activations_fp(model):
+            for x, t, cond in tqdm(calib.batches(batch_size, idx, device), total=n_batches, desc="activation ranges",
+                                   disable=not progress, leave=False):
+                eps(model, x, t, cond)
     finally:
         for h in hooks:
             h.remove()
     ranges = {}
     for name, q in qs:
         s = stats[name]
-        if s.min is None:  # never executed (e.g. an unused branch): keep it off rather than guess
-            q.enabled = False
+        if s.min is None:  # never executed (e.g. an unused branch): left uninitialised, i.e. off, rather than guessed
             continue
         sample = torch.cat(s.samples).to(q.scale.device)
         q.init_from(sample, method, p, x_min=s.min.to(sample.device), x_max=s.max.to(sample.device))
         ranges[name] = (float(s.min), float(s.max))
-    set_act_quant(model, True)  # every initialised quantizer on
     return ranges

@@ -15,9 +15,9 @@ from qdiff.quant.quantizer import UniformQuantizer
 class AttnMatmulQuantizers(nn.Module):
     def __init__(self, bits: int, symmetric: bool) -> None:
         super().__init__()
-        self.q = UniformQuantizer(bits, symmetric, None, learnable_scale=True)
-        self.k = UniformQuantizer(bits, symmetric, None, learnable_scale=True)
-        self.v = UniformQuantizer(bits, symmetric, None, learnable_scale=True)
+        self.q = UniformQuantizer(bits, symmetric, None, learnable_scale=True, required=False)
+        self.k = UniformQuantizer(bits, symmetric, None, learnable_scale=True, required=False)
+        self.v = UniformQuantizer(bits, symmetric, None, learnable_scale=True, required=False)
         # Softmax outputs lie in [0, 1]: unsigned, asymmetric, fixed range, never learned.
         self.probs = UniformQuantizer(bits, False, None)
         self.probs.set_params(torch.tensor(1.0 / (2 ** bits - 1)), torch.tensor(0.0))

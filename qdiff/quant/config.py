@@ -10,6 +10,11 @@ OFF_BITS = (16, 32)
 SCALE_METHODS = ("minmax", "mse")
 
 
+def quant_label(weight_bits: int, act_bits: int) -> str:
+    """Paper-style bit label, e.g. W4A8 (full precision: W32A32)."""
+    return f"W{weight_bits}A{act_bits}"
+
+
 def check_bits(value: int | None, name: str, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -78,6 +83,8 @@ class QuantConfig:
             raise ConfigError(f"quant.lp must be > 0, got {self.lp}")
         if self.method != "fp" and self.weight_bits in OFF_BITS and self.act_bits in OFF_BITS and self.attn_bits is None:
             self.method = "fp"  # nothing to quantize: a W32A32 grid point is the FP baseline
+        if self.method == "fp":  # FP is W32A32 whatever bits the composed config carried
+            self.weight_bits, self.act_bits, self.attn_bits, self.first_last_bits = 32, 32, None, None
         self.overrides = [
             o if isinstance(o, LayerOverride) else config_from_dict(LayerOverride, o, "quant.overrides")
             for o in self.overrides
@@ -85,15 +92,15 @@ class QuantConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.method != "fp" and (self.quantizes_weights or self.quantizes_acts)
+        return self.quantizes_weights or self.quantizes_acts
 
     @property
     def quantizes_weights(self) -> bool:
-        return self.method != "fp" and self.weight_bits not in OFF_BITS
+        return self.weight_bits not in OFF_BITS
 
     @property
     def quantizes_acts(self) -> bool:
-        return self.method != "fp" and (self.act_bits not in OFF_BITS or self.attn_bits is not None)
+        return self.act_bits not in OFF_BITS or self.attn_bits is not None
 
     @property
     def resolved_scale_method(self) -> str:
@@ -102,6 +109,4 @@ class QuantConfig:
     @property
     def label(self) -> str:
         """Paper-style bit label, e.g. W4A8 (FP: W32A32)."""
-        if self.method == "fp":
-            return "W32A32"
-        return f"W{self.weight_bits}A{self.act_bits}"
+        return quant_label(self.weight_bits, self.act_bits)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdiff.quant.adaround import AdaRoundQuantizer
+from qdiff.quant.config import quant_label
 from qdiff.quant.quantizer import UniformQuantizer, fake_quant_, needs_no_grad
 
 #: Module classes that have a quantized wrapper: class -> functional forward(x, w, b, **kw).
@@ -68,14 +69,13 @@ class QuantLayer(nn.Module):
         self.split = int(split)
         n = 2 if self.split else 1
         self.wq = nn.ModuleList(UniformQuantizer(weight_bits, weight_symmetric, self.out_axis) for _ in range(n))
-        self.aq = nn.ModuleList(UniformQuantizer(act_bits, act_symmetric, None, learnable_scale=True) for _ in range(n))
+        self.aq = nn.ModuleList(UniformQuantizer(act_bits, act_symmetric, None, learnable_scale=True, required=False)
+                                for _ in range(n))
         self.weight_bits, self.act_bits = weight_bits, act_bits
-        #: Recompute the fake-quantized weight on every forward (set while its rounding is being learned).
-        self.cache_weights = True
         self._cache: tuple | None = None
 
     def extra_repr(self) -> str:
-        return f"{self.org_type}, W{self.weight_bits}A{self.act_bits}, split={self.split}"
+        return f"{self.org_type}, {quant_label(self.weight_bits, self.act_bits)}, split={self.split}"
 
     # --- weights --------------------------------------------------------------------------------
     def weight_parts(self) -> list[torch.Tensor]:
@@ -99,7 +99,7 @@ class QuantLayer(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         if not self.quantizes_weight:
             return self.weight
-        if not self.cache_weights or any(isinstance(q, AdaRoundQuantizer) for q in self.wq):
+        if any(isinstance(q, AdaRoundQuantizer) for q in self.wq):  # rounding being learned: never cached
             return self._compute_weight()
         key = self._cache_key()
         if self._cache is None or self._cache[0] != key:
@@ -118,7 +118,7 @@ class QuantLayer(nn.Module):
         if not (_hooked(a) or _hooked(b)):  # fast paths skip the quantizer modules' calls, so only without hooks
             if not a.active and not b.active:
                 return x
-            if a.active and b.active and a._ready and b._ready and needs_no_grad(x, a.scale) and needs_no_grad(x, b.scale):
+            if a.active and b.active and needs_no_grad(x, a.scale) and needs_no_grad(x, b.scale):
                 # Inference: both halves quantized straight into one output (no concatenation copy); same values.
                 out = torch.empty_like(x)
                 for q, sl in ((a, slice(None, self.split)), (b, slice(self.split, None))):

@@ -158,18 +158,21 @@ def search_range(x: torch.Tensor, bits: int, symmetric: bool, channel_axis: int 
 class UniformQuantizer(nn.Module):
     """Fake quantizer with explicit init (:meth:`init_from`), optional learnable step size (LSQ).
 
-    Bits 16/32 mean "off": the quantizer is the identity. Using an initialised-required quantizer before
-    :meth:`init_from` (or loading a state) raises :class:`NotInitializedError`.
+    Bits 16/32 mean "off": the quantizer is the identity. Using a required quantizer before :meth:`init_from`
+    (or loading a state) raises :class:`NotInitializedError`; an optional one is the identity until then.
     """
 
     def __init__(self, bits: int, symmetric: bool = False, channel_axis: int | None = None,
-                 learnable_scale: bool = False) -> None:
+                 learnable_scale: bool = False, required: bool = True) -> None:
         super().__init__()
         self.bits = bits
         self.symmetric = symmetric
         self.channel_axis = channel_axis
-        #: Runtime switch; quantizers with 16/32 bits are never active.
-        self.enabled = bits < 16
+        #: Runtime switch, only turned off for the duration of a ``with`` (see ``qdiff.quant.wrap.activations_fp``).
+        self.enabled = True
+        #: Required quantizers (weights) refuse to run before their init; optional ones (activations) pass their
+        #: input through until calibration initialises them, and stay off if it never sees them run.
+        self.required = required
         #: Bumped whenever the quantization function changes (layers key their weight caches on it).
         self.version = 0
         self._ready = False
@@ -179,7 +182,7 @@ class UniformQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         axis = "per-tensor" if self.channel_axis is None else f"channel_axis={self.channel_axis}"
-        return f"bits={self.bits}, symmetric={self.symmetric}, {axis}, enabled={self.enabled}"
+        return f"bits={self.bits}, symmetric={self.symmetric}, {axis}, active={self.active}"
 
     @property
     def levels(self) -> int:
@@ -221,7 +224,8 @@ class UniformQuantizer(nn.Module):
 
     @property
     def active(self) -> bool:
-        return self.enabled and self.bits < 16
+        """Whether forward changes its input: bits < 16, switched on, and initialised unless required."""
+        return self.enabled and self.bits < 16 and (self._ready or self.required)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:

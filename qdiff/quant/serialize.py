@@ -18,7 +18,7 @@ from qdiff.errors import config_from_dict
 from qdiff.io import CheckpointError, load_state_dict_file, write_json
 from qdiff.quant.config import QuantConfig
 from qdiff.quant.layers import QuantLayer
-from qdiff.quant.wrap import LayerSpec, quant_layers, set_act_quant, wrap_model
+from qdiff.quant.wrap import LayerSpec, quant_layers, wrap_model
 
 FORMAT = "qdiff-quantized-v1"
 
@@ -76,8 +76,7 @@ def load_quantized(fp_model: nn.Module, path: str | Path) -> tuple[nn.Module, Qu
     for k, v in state.items():
         if own[k].shape != v.shape and not k.endswith((".scale", ".zero_point")):
             raise CheckpointError(f"{p}: shape mismatch at '{k}': file {tuple(v.shape)} vs model {tuple(own[k].shape)}")
-    q.load_state_dict(state, strict=True)
-    set_act_quant(q, True)  # every activation quantizer that was initialised when saved is on again
+    q.load_state_dict(state, strict=True)  # activation quantizers initialised when saved run again
     layers = dict(quant_layers(q))
     for name, c in codes.items():
         layer: QuantLayer = layers[name]

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -42,7 +44,7 @@ def resolve_layer_specs(model: nn.Module, cfg: QuantConfig, splits: dict[str, in
     specs = []
     for name, m in layers:
         wb = cfg.weight_bits if cfg.quantizes_weights else 32
-        ab = cfg.act_bits if (cfg.method != "fp" and cfg.act_bits not in OFF_BITS) else 32
+        ab = cfg.act_bits if cfg.act_bits not in OFF_BITS else 32
         if cfg.first_last_bits is not None and name in first_last:
             wb = cfg.first_last_bits if wb not in OFF_BITS else wb
             ab = cfg.first_last_bits if ab not in OFF_BITS else ab
@@ -70,11 +72,10 @@ def wrap_model(model: nn.Module, cfg: QuantConfig, specs: list[LayerSpec]) -> nn
             raise ValueError(f"layer '{s.name}' does not match the model (expected {s.type}{tuple(s.weight_shape)}, found {found})")
         layer = QuantLayer(org, s.weight_bits, s.act_bits, cfg.weight_symmetric, cfg.act_symmetric, s.split)
         q.set_submodule(s.name, layer.to(org.weight.device))
-    if cfg.attn_bits is not None and cfg.method != "fp":
+    if cfg.attn_bits is not None:
         from qdiff.quant.attention import install_attention_quant
 
         install_attention_quant(q, cfg.attn_bits, cfg.act_symmetric)
-    set_act_quant(q, False)  # activation quantizers stay off until their explicit init turns them on
     q.eval().requires_grad_(False)
     return q
 
@@ -104,11 +105,16 @@ def init_weight_quantizers(model: nn.Module, method: str, p: float = 2.4) -> Non
         layer.invalidate_cache()
 
 
-def set_act_quant(model: nn.Module, enabled: bool) -> None:
-    """Switch activation quantizers off, or back on where initialised (never an uninitialised one)."""
-    for _, q in act_quantizers(model):
-        q.enabled = enabled and q._ready
-
-
-def specs_to_json(specs: list[LayerSpec]) -> list[dict]:
-    return [asdict(s) for s in specs]
+@contextmanager
+def activations_fp(model: nn.Module) -> Iterator[None]:
+    """Within the ``with``, every activation quantizer of ``model`` passes its input through (weights stay
+    quantized): calibration statistics and AdaRound see FP activations. Each quantizer's switch is restored."""
+    qs = [q for _, q in act_quantizers(model)]
+    before = [q.enabled for q in qs]
+    for q in qs:
+        q.enabled = False
+    try:
+        yield
+    finally:
+        for q, e in zip(qs, before):
+            q.enabled = e

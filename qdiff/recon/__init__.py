@@ -1,4 +1,4 @@
-"""Block reconstruction: one engine, block and layer units, Lightning loops, resumable."""
+"""Block reconstruction: one engine ordering steps (AdaRound, activation init, LSQ, output bias), resumable."""
 from qdiff.recon.config import ReconConfig
 from qdiff.recon.engine import reconstruct
 from qdiff.recon.units import BLOCK_REGISTRY, Unit, find_units, register_block

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qdiff.io import NpyRowWriter, read_rows
+from qdiff.models.base import eps
 
 
 class _Stop(Exception):
@@ -80,7 +81,7 @@ def _is_batched(v: Any, b: int) -> bool:
 
 
 @torch.no_grad()
-def capture_unit(unit_name: str, fp_model: nn.Module, q_model: nn.Module, forward: Callable, calib, sample_idx: np.ndarray,
+def capture_unit(unit_name: str, fp_model: nn.Module, q_model: nn.Module, calib, sample_idx: np.ndarray,
                  batch_size: int, device, storage: str = "memory", root: Path | None = None,
                  input_source: str = "quantized", progress: bool = True) -> UnitCache:
     """Run both models over the chosen calibration inputs and cache (unit inputs, FP unit output)."""
@@ -121,7 +122,7 @@ def capture_unit(unit_name: str, fp_model: nn.Module, q_model: nn.Module, forwar
             state.update(b=x.shape[0], rows=slice(start, start + len(idx)), cond=cond)
             for model in ((src_model, fp_model) if src_model is not fp_model else (fp_model,)):
                 try:
-                    forward(model, x, t, cond)
+                    eps(model, x, t, cond)
                 except _Stop:
                     pass
             bar.update(len(idx))

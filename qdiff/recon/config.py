@@ -46,8 +46,10 @@ class ReconConfig:
     #: Shift the output layer's (FP) bias per channel so that samples from the calibration noise have FP's
     #: per-channel mean (secant steps on whole sampling runs). False = the paper.
     output_bias_match: bool = False
-    #: Sampling runs (from the calibration noise, with the calibration sampler) that score the bias match.
+    #: Calibration trajectories replayed to the end (same noise, sampler and T) that score the bias match.
     probe_samples: int = 64
+    #: Lightning's own progress bar for every unit loop (off: one reconstruction bar shows unit, step and loss).
+    lightning_progress: bool = False
 
     def __post_init__(self) -> None:
         if self.weight_iters < 0 or self.act_iters < 0:

@@ -2,12 +2,11 @@
 
 One :class:`ReconModule` per unit and phase. The phase is a strategy, not a copy of the loop:
 ``weights`` learns AdaRound rounding variables with the annealed rounding regulariser; ``acts`` learns
-LSQ step sizes of the unit's activation quantizers. Lightning provides the progress bar, logging,
-device placement and precision.
+LSQ step sizes of the unit's activation quantizers. Lightning provides the loop, logging, device
+placement and precision; progress shows on the engine's one bar (:class:`BarPostfix`).
 """
 from __future__ import annotations
 
-import math
 import os
 from contextlib import ExitStack
 
@@ -119,7 +118,8 @@ class ReconModule(pl.LightningModule):
         return loss
 
 
-def trainer_for(steps: int, device: torch.device, precision: str, progress: bool, logger) -> pl.Trainer:
+def trainer_for(steps: int, device: torch.device, precision: str, progress: bool, logger, callbacks: list | None = None) -> pl.Trainer:
+    """A Lightning trainer for one unit loop; ``progress``: Lightning's own per-unit bar."""
     plugins = []
     from lightning_fabric.plugins.environments import SLURMEnvironment
 
@@ -130,7 +130,7 @@ def trainer_for(steps: int, device: torch.device, precision: str, progress: bool
         max_steps=steps, max_epochs=-1, accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=[device.index or 0] if device.type == "cuda" else 1, precision=precision, logger=logger,
         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
-        enable_progress_bar=progress, log_every_n_steps=LOG_EVERY, plugins=plugins,
+        enable_progress_bar=progress, log_every_n_steps=LOG_EVERY, plugins=plugins, callbacks=callbacks or [],
         limit_val_batches=0, use_distributed_sampler=False,
     )
     if os.environ.get("SUBMITIT_EXECUTOR"):
@@ -142,5 +142,15 @@ def trainer_for(steps: int, device: torch.device, precision: str, progress: bool
     return trainer
 
 
-def log10_safe(x: float) -> float:
-    return math.log10(x) if x > 0 else float("-inf")
+class BarPostfix(pl.Callback):
+    """Shows the running unit loop's step and loss on the engine's one progress bar (Lightning's own stays off)."""
+
+    def __init__(self, bar) -> None:
+        self.bar = bar
+        self.label = ""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % LOG_EVERY == 0 or step >= module.steps:
+            loss = module.last.get("rec_loss")
+            self.bar.set_postfix_str(f"{self.label} {step}/{module.steps}" + (f" loss {loss:.3g}" if loss is not None else ""))

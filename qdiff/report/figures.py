@@ -66,7 +66,7 @@ def fid_vs_bits(table: pd.DataFrame, path: Path) -> Path | None:
 
 def step_mse(rows: pd.DataFrame, root: Path, axes: list[str], path: Path) -> Path | None:
     """Per-step MSE (quantized vs FP noise prediction) of every run that recorded it, in one plot."""
-    from qdiff.quant.analysis import plot_step_mse
+    from qdiff.eval.analysis import plot_step_mse
 
     frames = {}
     for _, r in rows.iterrows():
@@ -84,7 +84,7 @@ def step_mse(rows: pd.DataFrame, root: Path, axes: list[str], path: Path) -> Pat
 
 def act_ranges(rows: pd.DataFrame, root: Path, path: Path) -> Path | None:
     """FP activation ranges over timesteps (the same for every run of a model: taken from the first one)."""
-    from qdiff.quant.analysis import plot_activation_ranges
+    from qdiff.eval.analysis import plot_activation_ranges
 
     for _, r in rows.iterrows():
         f = root / r["dir"] / "act_ranges.csv"

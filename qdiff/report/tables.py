@@ -5,6 +5,8 @@ import math
 
 import pandas as pd
 
+from qdiff.quant.config import quant_label
+
 METHOD_NAMES = {"fp": "Full precision", "linear": "Linear quant", "qdiff": "Q-Diffusion"}
 METHOD_ORDER = {"fp": 0, "linear": 1, "qdiff": 2}
 # Settings that define which FP reference a quantized run compares against.
@@ -31,9 +33,9 @@ def normalise(df: pd.DataFrame) -> pd.DataFrame:
         if isinstance(r["label"], str) and r["label"]:
             return r["label"]
         if r["method"] == "fp":
-            return "W32A32"
+            return quant_label(32, 32)
         if pd.notna(r["weight_bits"]) and pd.notna(r["act_bits"]):
-            return f"W{int(r['weight_bits'])}A{int(r['act_bits'])}"
+            return quant_label(int(r["weight_bits"]), int(r["act_bits"]))
         return "?"
 
     df["label"] = df.apply(label, axis=1) if len(df) else []

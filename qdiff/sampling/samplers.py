@@ -1,22 +1,21 @@
 """Sampling with diffusers schedulers over any noise predictor (FP or quantized).
 
-One denoising loop serves sampling, calibration-data collection and the per-step error analysis:
-callers observe every model input through ``on_step``.
+One denoising loop, :class:`Trajectory`, serves sampling, calibration-data collection, the output bias
+match's probe and the per-step error analysis: callers iterate over its steps and see every model input
+and noise estimate, or stop early.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qdiff.models.base import DiffusionModel
+from qdiff.models.base import DiffusionModel, eps
 from qdiff.sampling.config import SamplerConfig
-
-#: on_step(step_index, t, x_in, cond, uncond): sees the model input of every step before it is used.
-StepHook = Callable[[int, torch.Tensor, torch.Tensor, "dict | None", "dict | None"], None]
 
 
 def build_scheduler(cfg: SamplerConfig, train_config: dict):
@@ -36,15 +35,13 @@ def build_scheduler(cfg: SamplerConfig, train_config: dict):
     return sched
 
 
-def guided_eps(
-    model: DiffusionModel, unet: nn.Module, x_in: torch.Tensor, t: torch.Tensor,
-    cond: dict | None, uncond: dict | None, guidance: float,
-) -> torch.Tensor:
+def guided_eps(unet: nn.Module, x_in: torch.Tensor, t: torch.Tensor, cond: dict | None, uncond: dict | None,
+               guidance: float) -> torch.Tensor:
     """Noise prediction with classifier-free guidance when an unconditional branch is given."""
     if uncond is None or guidance == 1.0:
-        return model.eps(unet, x_in, t, cond)
+        return eps(unet, x_in, t, cond)
     both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
-    e_u, e_c = model.eps(unet, torch.cat([x_in, x_in]), torch.cat([t, t]), both).chunk(2)
+    e_u, e_c = eps(unet, torch.cat([x_in, x_in]), torch.cat([t, t]), both).chunk(2)
     return e_u + guidance * (e_c - e_u)
 
 
@@ -58,32 +55,65 @@ def step_kwargs(sched, cfg: SamplerConfig, generator: torch.Generator | None) ->
     return kw
 
 
+@dataclass
+class Step:
+    """One denoising step as the model saw it."""
+
+    index: int            # 0 = the first (pure-noise) step
+    t: torch.Tensor       # [B] timesteps
+    x: torch.Tensor       # the sample before this step
+    x_in: torch.Tensor    # the model input (the scheduler's scaling of x)
+    eps: torch.Tensor     # the (guided) noise estimate
+
+
+class Trajectory:
+    """The reverse process from ``x_T`` as an iterator of :class:`Step`; ``x`` is the current sample.
+
+    ``scheduler_config``: the model's training noise schedule (a diffusers scheduler config); ``guidance``:
+    classifier-free guidance strength, used when an unconditional branch ``uncond`` is given.
+
+    Iterating to the end leaves the final sample (latents for LDMs) in ``x``; a caller may stop early.
+    """
+
+    def __init__(self, scheduler_config: dict, guidance: float, unet: nn.Module, cfg: SamplerConfig, x_T: torch.Tensor,
+                 cond: dict | None = None, uncond: dict | None = None, generator: torch.Generator | None = None) -> None:
+        self.sched = build_scheduler(cfg, scheduler_config)
+        self.unet, self.cond, self.uncond, self.guidance = unet, cond, uncond, guidance
+        self.x = x_T * self.sched.init_noise_sigma
+        self.kw = step_kwargs(self.sched, cfg, generator)
+
+    def __len__(self) -> int:
+        return len(self.sched.timesteps)
+
+    def __iter__(self) -> Iterator[Step]:
+        for i, t in enumerate(self.sched.timesteps):
+            tt = t.to(self.x.device).expand(self.x.shape[0])
+            x_in = self.sched.scale_model_input(self.x, t)
+            e = guided_eps(self.unet, x_in, tt, self.cond, self.uncond, self.guidance)
+            yield Step(i, tt, self.x, x_in, e)
+            self.x = self.sched.step(e, t, self.x, **self.kw).prev_sample
+
+
 @torch.no_grad()
-def denoise(
-    model: DiffusionModel, unet: nn.Module, cfg: SamplerConfig, x_T: torch.Tensor,
-    cond: dict | None = None, uncond: dict | None = None, generator: torch.Generator | None = None,
-    on_step: StepHook | None = None, progress: tqdm | None = None,
-) -> torch.Tensor:
-    """Run the reverse process from ``x_T`` (unit Gaussian) and return the final sample (latents for LDMs)."""
-    sched = build_scheduler(cfg, model.scheduler_config)
-    x = x_T * sched.init_noise_sigma
-    kw = step_kwargs(sched, cfg, generator)
-    for i, t in enumerate(sched.timesteps):
-        tt = t.to(x.device).expand(x.shape[0])
-        x_in = sched.scale_model_input(x, t)
-        if on_step is not None:
-            on_step(i, tt, x_in, cond, uncond)
-        eps = guided_eps(model, unet, x_in, tt, cond, uncond, model.guidance_scale)
-        x = sched.step(eps, t, x, **kw).prev_sample
+def denoise(model: DiffusionModel, unet: nn.Module, cfg: SamplerConfig, x_T: torch.Tensor, cond: dict | None = None,
+            uncond: dict | None = None, generator: torch.Generator | None = None, progress: tqdm | None = None) -> torch.Tensor:
+    """Run the whole reverse process from ``x_T`` (unit Gaussian) and return the final sample."""
+    traj = Trajectory(model.scheduler_config, model.guidance_scale, unet, cfg, x_T, cond, uncond, generator)
+    for _ in traj:
         if progress is not None:
             progress.update(1)
-    return x
+    return traj.x
 
 
-def initial_noise(model: DiffusionModel, n: int, seed: int) -> torch.Tensor:
-    """x_T for ``n`` samples, drawn on the CPU so CPU and GPU runs start from the same noise."""
+def initial_noise(sample_shape: Sequence[int], n: int, seed: int) -> torch.Tensor:
+    """x_T for ``n`` samples of ``sample_shape`` (C, H, W), drawn on the CPU so CPU and GPU runs start from the same noise."""
     g = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn((n, *model.sample_shape), generator=g)
+    return torch.randn((n, *sample_shape), generator=g)
+
+
+def batch_generator(seed: int, batch: int) -> torch.Generator:
+    """The generator of a stochastic sampler's noise for batch number ``batch`` of a seeded run."""
+    return torch.Generator("cpu").manual_seed(seed * 1_000_003 + batch)
 
 
 def prompt_conditioning(model: DiffusionModel, prompts: Sequence[str], device) -> tuple[dict | None, dict | None]:
@@ -99,20 +129,23 @@ def prompt_conditioning(model: DiffusionModel, prompts: Sequence[str], device) -
 def generate(
     model: DiffusionModel, unet: nn.Module, cfg: SamplerConfig, n: int, seed: int,
     device: torch.device | str = "cpu", prompts: Sequence[str] | None = None, desc: str = "sampling",
-    progress: bool = True, return_latents: bool = False,
+    progress: bool = True, return_latents: bool = False, noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``n`` images in [-1, 1] on the CPU ([n, C, H, W]); deterministic given ``seed`` and the batch size."""
+    """``n`` images in [-1, 1] on the CPU ([n, C, H, W]); deterministic given ``seed`` and the batch size.
+
+    ``noise``: the x_T to start from (default: :func:`initial_noise` of ``seed``), e.g. the first rows of a
+    larger run's noise, so that a figure compares models on the same starting points.
+    """
     if model.is_text_guided and (prompts is None or len(prompts) < n):
         raise ValueError(f"{model.name} is text-guided: need {n} prompts, got {0 if prompts is None else len(prompts)}")
-    noise = initial_noise(model, n, seed)
+    noise = initial_noise(model.sample_shape, n, seed) if noise is None else noise[:n]
     out = []
     n_batches = (n + cfg.batch_size - 1) // cfg.batch_size
     bar = tqdm(total=n_batches * cfg.steps, desc=desc, unit="step", disable=not progress, leave=False)
     for b in range(n_batches):
         sl = slice(b * cfg.batch_size, min(n, (b + 1) * cfg.batch_size))
-        gen = torch.Generator("cpu").manual_seed(seed * 1_000_003 + b)
         cond, uncond = prompt_conditioning(model, prompts[sl] if prompts is not None else [], device)
-        z = denoise(model, unet, cfg, noise[sl].to(device), cond, uncond, gen, progress=bar)
+        z = denoise(model, unet, cfg, noise[sl].to(device), cond, uncond, batch_generator(seed, b), progress=bar)
         out.append((z if return_latents else model.decode(z)).float().cpu())
     bar.close()
     return torch.cat(out)
