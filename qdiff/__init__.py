@@ -23,11 +23,11 @@ def __getattr__(name: str):
         from qdiff.recon.config import ReconConfig
 
         return ReconConfig
-    if name in ("save_quantized", "load_quantized"):
-        from qdiff.quant import serialize
+    if name in ("export", "load_deployed"):
+        from qdiff import deploy
 
-        return getattr(serialize, name)
+        return getattr(deploy, name)
     raise AttributeError(f"module 'qdiff' has no attribute {name!r}")
 
 
-__all__ = ["quantize", "QuantConfig", "ReconConfig", "save_quantized", "load_quantized", "__version__"]
+__all__ = ["quantize", "QuantConfig", "ReconConfig", "export", "load_deployed", "__version__"]

@@ -6,6 +6,7 @@ activation ranges, for ``method="qdiff"`` block reconstruction (:func:`qdiff.rec
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from qdiff.quant.config import QuantConfig
 from qdiff.quant.layers import LAYER_REGISTRY
 from qdiff.quant.split import execution_order, find_concat_splits
 from qdiff.quant.wrap import LayerSpec, init_weight_quantizers, resolve_layer_specs, wrap_model
+
+log = logging.getLogger("qdiff")
 
 
 def as_calibration(calib):
@@ -34,12 +37,34 @@ def as_calibration(calib):
 def prepare(model: nn.Module, cfg: QuantConfig, example: tuple[torch.Tensor, torch.Tensor, dict]) -> tuple[nn.Module, list[LayerSpec]]:
     """Detect shortcut splits and layer order on one example batch, wrap the layers, init weight ranges."""
     x, t, cond = example
-    splits = find_concat_splits(model, (x, t), cond) if cfg.split else {}
+    splits = shortcut_splits(model, cfg, (x, t), cond)
     order = execution_order(model, (x, t), cond, types=tuple(LAYER_REGISTRY))
     specs = resolve_layer_specs(model, cfg, splits, order)
-    q = wrap_model(model, cfg, specs)
+    try:
+        q = wrap_model(model, cfg, specs)
+    except ValueError as e:
+        raise ConfigError(f"quant: {e}") from None
     init_weight_quantizers(q, cfg.resolved_scale_method, cfg.lp)
     return q, specs
+
+
+def shortcut_splits(model: nn.Module, cfg: QuantConfig, inputs: tuple, cond: dict) -> dict[str, int]:
+    """Detected split points plus ``cfg.split_layers``; says what it found, and when it found nothing."""
+    if not cfg.split:
+        return {}
+    layers = {n for n, m in model.named_modules() if type(m) in LAYER_REGISTRY}
+    unknown = sorted(set(cfg.split_layers) - layers)
+    if unknown:
+        raise ConfigError(f"quant.split_layers: no quantizable layer named {unknown[0]!r}")
+    found = find_concat_splits(model, inputs, cond)
+    splits = {**found, **cfg.split_layers}
+    if splits:
+        log.info("shortcut splitting: %d layer(s) split (%d detected, %d named): %s", len(splits), len(found),
+                 len(cfg.split_layers), ", ".join(f"{n}@{c}" for n, c in splits.items()))
+    else:
+        log.warning("shortcut splitting is on but no concatenation feeding a convolution was found, so no layer is "
+                    "split; name split points with QuantConfig(split_layers={layer: channels of the first part})")
+    return splits
 
 
 def quantize(model: nn.Module, config: QuantConfig, calib=None, recon=None, device: torch.device | str | None = None,
@@ -80,6 +105,6 @@ def quantize(model: nn.Module, config: QuantConfig, calib=None, recon=None, devi
             init_act_quantizers(q, calib, config.resolved_scale_method, config.lp, num_samples=act_init_samples,
                                 seed=recon.seed, device=device, progress=progress)
         seconds = {"quantize": round(time.perf_counter() - t0, 2)}
-    q.quant_specs = specs
+    q.quant_config, q.quant_specs = config, specs
     q.qdiff_report = {**report, "seconds": seconds}
     return q

@@ -19,7 +19,7 @@ def run(cfg, tracker: NullTracker | None = None) -> tuple[dict, dict]:
     from qdiff.eval.run import evaluate
     from qdiff.models import load_model
     from qdiff.models.base import fingerprint
-    from qdiff.quant.serialize import save_quantized
+    from qdiff.deploy import export
     from qdiff.report.run import run_metrics, write_run
     from qdiff.runstatus import refuse_finished
     from qdiff.runtime import Stages, seed_everything, tune_allocator
@@ -53,8 +53,7 @@ def run(cfg, tracker: NullTracker | None = None) -> tuple[dict, dict]:
             unet = qdiff.quantize(model.unet, spec.quant, calib, spec.recon, device=spec.device,
                                   work_dir=recon_dir(spec, calib, model), logger=tracker.lightning_logger())
         st.split("quantize", unet.qdiff_report["seconds"])
-        save_quantized(unet, spec.quant, unet.quant_specs, spec.output_dir / "quantized_unet",
-                       extra={"model": spec.model.name, "fingerprint": model.meta["fingerprint"]})
+        extra["artifact"] = export(unet, spec.output_dir / "quantized_unet", extra=artifact_facts(model))
         extra.update(quant_summary(unet))
 
     with st("sample"):
@@ -80,6 +79,12 @@ def recon_dir(spec: RunSpec, calib, model):
     ident = {"weights": model.meta["fingerprint"], "calib": calib.meta["key"], "quant": asdict(spec.quant), "recon": recon,
              "device": spec.device.type}
     return spec.cache_dir / "recon" / content_key(ident)
+
+
+def artifact_facts(model) -> dict:
+    """What a sampler needs besides the network, kept with the deployable artifact."""
+    return {"model": model.name, "fingerprint": model.meta["fingerprint"], "scheduler_config": model.scheduler_config,
+            "sample_shape": list(model.sample_shape)}
 
 
 def quant_summary(qunet) -> dict:

@@ -1,4 +1,4 @@
-"""Quantization core: quantizer math, STE, layers, wrapping any nn.Module, splits, save/load, errors."""
+"""Quantization core: quantizer math, STE, layers, wrapping any nn.Module, splits, errors."""
 from __future__ import annotations
 
 import pytest
@@ -6,9 +6,8 @@ import torch
 from torch import nn
 
 import qdiff
-from qdiff.errors import CheckpointError, ConfigError
-from qdiff.quant import (QuantConfig, QuantLayer, UniformQuantizer, find_concat_splits, load_quantized, quant_layers,
-                         save_quantized)
+from qdiff.errors import ConfigError
+from qdiff.quant import QuantConfig, QuantLayer, UniformQuantizer, find_concat_splits, quant_layers
 from qdiff.quant.quantizer import NotInitializedError
 from tiny_unet import TinyUNet
 
@@ -150,42 +149,6 @@ def test_attention_matmuls_stay_fp_unless_attn_bits():
         assert not torch.equal(q_fp_attn(x[:2], t[:2]).sample, q_attn(x[:2], t[:2]).sample)
 
 
-def test_save_load_reproduces_outputs_exactly_and_stores_integer_codes(tmp_path):
-    torch.manual_seed(0)
-    net = TinyUNet().eval()
-    x, t = _calib()
-    cfg = QuantConfig(method="linear", weight_bits=4, act_bits=8)
-    q = qdiff.quantize(net, cfg, (x, t), progress=False)
-    save_quantized(q, cfg, q.quant_specs, tmp_path / "q")
-    from safetensors.torch import load_file
-
-    state = load_file(str(tmp_path / "q" / "model.safetensors"))
-    codes = state["dec.conv1.weight_codes"]
-    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15 and "dec.conv1.weight" not in state
-    torch.manual_seed(123)
-    q2, cfg2, _ = load_quantized(TinyUNet().eval(), tmp_path / "q")   # different random init underneath
-    with torch.no_grad():
-        assert torch.equal(q(x[:4], t[:4]), q2(x[:4], t[:4]))
-    assert cfg2 == cfg
-
-
-def test_mismatched_or_corrupt_quantized_checkpoint_gives_one_clear_error(tmp_path):
-    net = TinyUNet().eval()
-    x, t = _calib(8)
-    cfg = QuantConfig(method="linear", weight_bits=4, act_bits=8)
-    q = qdiff.quantize(net, cfg, (x, t), progress=False)
-    save_quantized(q, cfg, q.quant_specs, tmp_path / "q")
-    with pytest.raises(CheckpointError, match="does not fit this architecture") as e:
-        load_quantized(TinyUNet(ch=16).eval(), tmp_path / "q")
-    assert "\n" not in str(e.value)
-    (tmp_path / "q" / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="corrupt"):
-        load_quantized(TinyUNet().eval(), tmp_path / "q")
-    (tmp_path / "q" / "quant_config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="corrupt JSON"):
-        load_quantized(TinyUNet().eval(), tmp_path / "q")
-
-
 @pytest.mark.parametrize("kwargs, message", [
     ({"weight_bits": 9}, "quant.weight_bits must be an integer in 2..8"),
     ({"weight_bits": 1}, "quant.weight_bits"),
@@ -268,3 +231,63 @@ def test_split_layer_fast_inference_path_equals_the_quantizer_modules_and_respec
         layer.quantize_input(inp)
     h.remove()
     assert seen == [torch.Size([3, 8, 6, 6])], "a hooked quantizer must still be called (activation-range init uses hooks)"
+
+
+class _CatThenOps(nn.Module):
+    """Up path: cat([h, skip]) followed by ``+ temb`` (broadcast) or a functional layer_norm before the conv."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.inc = nn.Conv2d(1, 4, 3, padding=1)
+        self.mid = nn.Conv2d(4, 6, 3, padding=1)
+        self.temb = nn.Linear(1, 10)
+        self.dec = nn.Conv2d(10, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        skip = self.inc(x)
+        h = torch.cat([self.mid(skip), skip], dim=1)
+        if self.mode == "add":
+            h = h + self.temb(t.float()[:, None] / 1000)[:, :, None, None]
+        else:
+            h = torch.nn.functional.layer_norm(h, h.shape[1:])
+        return self.dec(torch.relu(h))
+
+
+@pytest.mark.parametrize("mode", ["add", "layer_norm"])
+def test_split_detection_follows_the_concat_through_elementwise_ops_and_functional_norms(mode, caplog):
+    import logging
+
+    net = _CatThenOps(mode).eval()
+    x, t = _calib(8)
+    assert find_concat_splits(net, (x, t)) == {"dec": 6}
+    with caplog.at_level(logging.INFO, logger="qdiff"):
+        q = qdiff.quantize(net, QuantConfig(method="linear", weight_bits=4, act_bits=8), (x, t), progress=False)
+    assert dict(quant_layers(q))["dec"].split == 6 and "1 layer(s) split (1 detected, 0 named): dec@6" in caplog.text
+
+
+def test_split_points_by_name_and_a_warning_when_none_is_found(caplog):
+    import logging
+
+    class NoConcat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 1, 3, padding=1)
+
+        def forward(self, x, t):
+            return self.b(self.a(x))
+
+    net, (x, t) = NoConcat().eval(), _calib(8)
+    with caplog.at_level(logging.INFO, logger="qdiff"):
+        q = qdiff.quantize(net, QuantConfig(method="linear"), (x, t), progress=False)
+    assert "no concatenation feeding a convolution was found" in caplog.text and not dict(quant_layers(q))["b"].split
+    q = qdiff.quantize(net, QuantConfig(method="linear", split_layers={"b": 2}), (x, t), progress=False)
+    assert dict(quant_layers(q))["b"].split == 2
+    assert not dict(quant_layers(qdiff.quantize(net, QuantConfig(method="linear", split=False, split_layers={"b": 2}),
+                                                 (x, t), progress=False)))["b"].split
+    with pytest.raises(ConfigError, match="no quantizable layer named 'c'"):
+        qdiff.quantize(net, QuantConfig(method="linear", split_layers={"c": 2}), (x, t), progress=False)
+    with pytest.raises(ConfigError, match="bad split 9"):
+        qdiff.quantize(net, QuantConfig(method="linear", split_layers={"b": 9}), (x, t), progress=False)
+    with pytest.raises(ConfigError, match="quant.split_layers must map"):
+        QuantConfig(split_layers={"b": 0})

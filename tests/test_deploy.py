@@ -1,0 +1,128 @@
+"""Deployment: packed artifacts that rebuild the network alone, and the backends that run them."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import qdiff
+from qdiff.deploy import artifact_sizes, export, load_deployed
+from qdiff.deploy.pack import pack, packed_bytes, unpack
+from qdiff.errors import CheckpointError, ConfigError
+from qdiff.quant import QuantConfig, quant_layers
+from tiny_unet import TinyUNet
+
+
+def _calib(n=16, seed=0, shape=(1, 16, 16)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g), torch.randint(0, 1000, (n,), generator=g)
+
+
+def _tiny_diffusers_unet():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, attention_head_dim=8).eval()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("numel", [1, 7, 64])
+def test_pack_unpack_round_trip(bits, numel):
+    codes = torch.randint(0, 2 ** bits, (numel,), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    packed = pack(codes.view(-1, 1), bits)
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == packed_bytes(numel, bits) == ((numel + 1) // 2 if bits <= 4 else numel)
+    assert torch.equal(unpack(packed, bits, (numel, 1)), codes.view(-1, 1))
+    if bits < 8:
+        with pytest.raises(ValueError, match="does not fit"):
+            pack(torch.tensor([2 ** bits]), bits)
+
+
+def _fresh_process_eps(path, x, t, tmp_path) -> torch.Tensor:
+    """eps of the artifact at ``path`` computed by a new Python process that has only the artifact."""
+    from safetensors.torch import load_file, save_file
+
+    save_file({"x": x, "t": t}, str(tmp_path / "inputs.safetensors"))
+    code = ("import sys, torch; from safetensors.torch import load_file, save_file; import qdiff; "
+            "from qdiff.models import eps; "
+            f"i = load_file({str(tmp_path / 'inputs.safetensors')!r}); m = qdiff.load_deployed({str(path)!r}); "
+            "out = eps(m, i['x'], i['t']); "
+            f"save_file({{'eps': out.contiguous()}}, {str(tmp_path / 'eps.safetensors')!r})")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parent)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return load_file(str(tmp_path / "eps.safetensors"))["eps"]
+
+
+@pytest.mark.slow
+def test_diffusers_qdiff_artifact_rebuilds_the_simulated_model_in_a_fresh_process(tmp_path):
+    from qdiff.models import eps
+
+    unet = _tiny_diffusers_unet()
+    x, t = _calib()
+    q = qdiff.quantize(unet, QuantConfig(method="qdiff", weight_bits=4, act_bits=8), (x, t),
+                       qdiff.ReconConfig(weight_iters=4, act_iters=2, batch_size=4), progress=False)
+    assert any(layer.split for _, layer in quant_layers(q)), "the artifact must carry split layers"
+    sizes = export(q, tmp_path / "art")
+    assert sizes == artifact_sizes(tmp_path / "art") and sizes["fp32_bytes"] == 4 * sum(p.numel() for p in unet.parameters())
+    with torch.no_grad():
+        ref = eps(q, x, t)
+    assert torch.equal(_fresh_process_eps(tmp_path / "art", x, t, tmp_path), ref)
+
+
+def test_plain_module_artifact_round_trip_and_sizes(tmp_path):
+    net = TinyUNet(ch=16).eval()
+    x, t = _calib()
+    q = qdiff.quantize(net, QuantConfig(method="linear", weight_bits=4, act_bits=8), (x, t), progress=False)
+    with pytest.raises(ConfigError, match="init_kwargs"):
+        export(q, tmp_path / "a")                         # TinyUNet() would be the 8-channel network
+    sizes = export(q, tmp_path / "a", init_kwargs={"ch": 16})
+    meta = json.loads((tmp_path / "a" / "deploy.json").read_text())
+    assert meta["architecture"] == {"kind": "module", "class": "tiny_unet.TinyUNet", "init_kwargs": {"ch": 16}}
+    assert sizes["artifact_bytes"] == sum(f.stat().st_size for f in (tmp_path / "a").iterdir())
+    m = load_deployed(tmp_path / "a")
+    with torch.no_grad():
+        assert torch.equal(m(x, t), q(x, t))
+    assert m.quant_config == q.quant_config and m.quant_specs == q.quant_specs
+
+
+def test_fp_and_8_bit_models_export_too(tmp_path):
+    net = TinyUNet().eval()
+    x, t = _calib()
+    export(net, tmp_path / "fp")
+    with torch.no_grad():
+        assert torch.equal(load_deployed(tmp_path / "fp")(x, t), net(x, t))
+    q8 = qdiff.quantize(net, QuantConfig(method="linear", weight_bits=8, act_bits=8), (x, t), progress=False)
+    q4 = qdiff.quantize(net, QuantConfig(method="linear", weight_bits=4, act_bits=8), (x, t), progress=False)
+    s8, s4 = export(q8, tmp_path / "w8"), export(q4, tmp_path / "w4")
+    assert s4["artifact_bytes"] < s8["artifact_bytes"] < artifact_sizes(tmp_path / "fp")["artifact_bytes"]
+
+
+def test_truncated_or_mismatched_artifact_is_one_clear_error(tmp_path):
+    net = TinyUNet().eval()
+    x, t = _calib()
+    for bits in (4, 8):
+        q = qdiff.quantize(net, QuantConfig(method="linear", weight_bits=bits, act_bits=8), (x, t), progress=False)
+        export(q, tmp_path / f"w{bits}")
+    f = tmp_path / "w4" / "model.safetensors"
+    good = f.read_bytes()
+    f.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="truncated, corrupt or from another export") as e:
+        load_deployed(tmp_path / "w4")
+    assert "\n" not in str(e.value)
+    f.write_bytes(good)
+    (tmp_path / "w4" / "deploy.json").write_bytes((tmp_path / "w8" / "deploy.json").read_bytes())
+    with pytest.raises(CheckpointError, match="from another export"):
+        load_deployed(tmp_path / "w4")
+    (tmp_path / "w4" / "deploy.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match="corrupt JSON"):
+        load_deployed(tmp_path / "w4")
+    with pytest.raises(CheckpointError, match="not a qdiff artifact"):
+        load_deployed(tmp_path)
+    with pytest.raises(ConfigError, match="unknown deploy backend"):
+        load_deployed(tmp_path / "w8", backend="tensorrt")
