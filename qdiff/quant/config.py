@@ -65,6 +65,9 @@ class QuantConfig:
     attn_bits: int | None = None
     #: Shortcut splitting: quantize the up-path and skip halves of concatenated inputs separately.
     split: bool = True
+    #: Split points by layer name, {layer: channels of the first part}: added to the detected ones (and winning
+    #: over them), for networks whose concatenations the detection cannot follow. Used when ``split`` is on.
+    split_layers: dict = field(default_factory=dict)
     #: Bits of the first and last layer (weights and input activations); None = same as every other layer.
     first_last_bits: int | None = None
     #: Per-layer exceptions by name pattern (e.g. the paper's DDIM CIFAR-10 residual convs at 8 bit, act FP).
@@ -85,6 +88,10 @@ class QuantConfig:
             self.method = "fp"  # nothing to quantize: a W32A32 grid point is the FP baseline
         if self.method == "fp":  # FP is W32A32 whatever bits the composed config carried
             self.weight_bits, self.act_bits, self.attn_bits, self.first_last_bits = 32, 32, None, None
+        if not isinstance(self.split_layers, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0 for k, v in self.split_layers.items()):
+            raise ConfigError(f"quant.split_layers must map layer names to a positive channel count, got {self.split_layers!r}")
+        self.split_layers = dict(self.split_layers)
         self.overrides = [
             o if isinstance(o, LayerOverride) else config_from_dict(LayerOverride, o, "quant.overrides")
             for o in self.overrides
