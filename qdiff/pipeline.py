@@ -1,4 +1,4 @@
-"""One run: load -> calibration data -> quantize -> reconstruct -> sample -> evaluate -> report.
+"""One run: load -> calibration data -> quantize -> reconstruct -> (deploy) -> sample -> evaluate -> report.
 
 ``run(cfg)`` returns ``(metrics, objects)``. Each stage is one call into its package; every setting is
 validated (:func:`qdiff.spec.build_spec`, :func:`qdiff.spec.check_inputs`) before the first stage starts,
@@ -20,6 +20,7 @@ def run(cfg, tracker: NullTracker | None = None) -> tuple[dict, dict]:
     from qdiff.models import load_model
     from qdiff.models.base import fingerprint
     from qdiff.deploy import export
+    from qdiff.deploy.stage import deploy, sample_interleaved
     from qdiff.report.run import run_metrics, write_run
     from qdiff.runstatus import refuse_finished
     from qdiff.runtime import Stages, seed_everything, tune_allocator
@@ -56,12 +57,24 @@ def run(cfg, tracker: NullTracker | None = None) -> tuple[dict, dict]:
         extra["artifact"] = export(unet, spec.output_dir / "quantized_unet", extra=artifact_facts(model))
         extra.update(quant_summary(unet))
 
+    deployed = deployed_samples = None
+    if spec.deploy.enabled:  # the exported artifact, loaded back with a backend and measured against FP
+        with st("deploy"):
+            deployed, variants, extra["deploy"] = deploy(model, unet, spec.output_dir / "quantized_unet", spec)
+
     with st("sample"):
-        samples = generate(model, unet, spec.sampler, spec.eval.n_samples, spec.seed, spec.device, prompts,
-                           desc=f"sampling {spec.quant.method} {spec.quant.label}")
+        if deployed is None:
+            samples = generate(model, unet, spec.sampler, spec.eval.n_samples, spec.seed, spec.device, prompts,
+                               desc=f"sampling {spec.quant.method} {spec.quant.label}")
+        else:  # the same noise, batch by batch in turn with FP eager/compiled for the sampling-time comparison
+            both, extra["deploy"]["sampling"] = sample_interleaved(model, variants, ("simulated", "deployed"), spec, prompts,
+                                                                   spec.deploy.timing_batches)
+            samples, deployed_samples = both["simulated"], both["deployed"]
 
     with st("evaluate"):
-        scores, evaluated = evaluate(model, unet, samples, spec, prompts, real, pre, tracker, calib)
+        scores, evaluated = evaluate(model, unet, samples, spec, prompts, real, pre, tracker, calib, deployed_samples)
+        if deployed_samples is not None:
+            extra["deploy"].update(evaluated.pop("deploy"))  # its FID/IS and error next to the stage's sizes/timings
 
     metrics = run_metrics(spec, model, scores, {**extra, **evaluated}, st.summary())
     write_run(spec.output_dir, samples, spec, metrics, tracker)

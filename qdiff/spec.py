@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from qdiff.calib.config import CalibConfig
+from qdiff.deploy.config import DeployConfig
 from qdiff.errors import ConfigError, config_from_dict
 from qdiff.eval.config import EvalConfig
 from qdiff.models.config import ModelConfig
@@ -26,6 +27,7 @@ class RunSpec:
     quant: QuantConfig
     calib: CalibConfig
     recon: ReconConfig
+    deploy: DeployConfig
     eval: EvalConfig
     seed: int
     device: torch.device
@@ -80,12 +82,16 @@ def build_spec(cfg) -> RunSpec:
     device = resolve_device(str(c.get("device", "auto")))
     recon = config_from_dict(ReconConfig, c.get("recon"), "recon")
     check_precision(recon.precision, device)
+    deploy = config_from_dict(DeployConfig, c.get("deploy"), "deploy")
+    if deploy.enabled and not quant.enabled:
+        raise ConfigError(f"deploy.backend={deploy.backend} deploys a quantized model; this run is full precision (quant=fp)")
     return RunSpec(
         model=model,
         sampler=sampler,
         quant=quant,
         calib=calib,
         recon=recon,
+        deploy=deploy,
         eval=config_from_dict(EvalConfig, c.get("eval"), "eval"),
         seed=seed,
         device=device,

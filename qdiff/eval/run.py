@@ -18,8 +18,11 @@ log = logging.getLogger("qdiff")
 
 
 def evaluate(model: DiffusionModel, unet: nn.Module, samples: torch.Tensor, spec, prompts: list[str] | None,
-             real: torch.Tensor | None, pre: dict, tracker, calib=None) -> tuple[dict, dict]:
-    """Scores of ``samples`` (made by ``unet``) and everything compared with FP; returns (scores, extra metrics)."""
+             real: torch.Tensor | None, pre: dict, tracker, calib=None,
+             deployed: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """Scores of ``samples`` (made by ``unet``) and everything compared with FP; returns (scores, extra metrics).
+
+    ``deployed``: the deployed artifact's samples from the same noise, scored next to the simulated ones."""
     def score(images: torch.Tensor) -> dict:
         if real is None:
             return {}
@@ -27,6 +30,9 @@ def evaluate(model: DiffusionModel, unet: nn.Module, samples: torch.Tensor, spec
                                seed=spec.seed)
 
     scores, extra = score(samples), {}
+    if deployed is not None:
+        extra["deploy"] = {**score(deployed), "mse_vs_simulated": float(((deployed - samples) ** 2).mean()),
+                           "max_abs_vs_simulated": float((deployed - samples).abs().max())}
     fp_samples = None
     if spec.quant.enabled:
         fp_samples, fp_hit = fp_reference(model, spec, prompts)
