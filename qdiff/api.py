@@ -72,12 +72,12 @@ def quantize(model: nn.Module, config: QuantConfig, calib=None, recon=None, devi
              logger=False) -> nn.Module:
     """A quantized copy of ``model`` (the original is untouched), or ``model`` itself for ``method="fp"``.
 
-    ``calib`` (a calibration set, or a tuple ``(x_t, t[, cond])``) is needed to detect shortcut splits, to set
-    activation ranges and to reconstruct. ``method="linear"``: round-to-nearest with min-max ranges.
-    ``method="qdiff"``: AdaRound weight reconstruction, then activation ranges and LSQ step sizes, block by
-    block (``recon``: a ReconConfig; ``work_dir``: checkpoint folder to resume from). The returned model
-    carries ``quant_specs`` (the per-layer table) and ``qdiff_report`` (per-unit MSE, rounding hardness,
-    cost; ``seconds`` splits the time into wrapping and reconstruction).
+    ``calib`` (a set from :func:`qdiff.calibration_data`, or a tuple ``(x_t, t[, cond])``) is needed to detect
+    shortcut splits, to set activation ranges and to reconstruct. ``method="linear"``: round-to-nearest with
+    min-max ranges. ``method="qdiff"``: AdaRound weight reconstruction, then activation ranges and LSQ step
+    sizes, block by block (``recon``: a ReconConfig; ``work_dir``: checkpoint folder to resume from). The
+    returned model carries ``quant_specs`` (the per-layer table) and ``qdiff_report`` (per-unit MSE, rounding
+    hardness, cost; ``seconds`` splits the time into wrapping and reconstruction).
     """
     from qdiff.recon.config import ReconConfig
 
@@ -85,7 +85,8 @@ def quantize(model: nn.Module, config: QuantConfig, calib=None, recon=None, devi
         return model
     calib = as_calibration(calib)
     if calib is None:
-        raise ConfigError("quantize needs calib (a calibration set, or a tuple (x_t, t[, cond])) to find shortcut splits and activation ranges")
+        raise ConfigError("quantize needs calib (a set from qdiff.calibration_data, or a tuple (x_t, t[, cond])) to find "
+                          "shortcut splits and activation ranges")
     recon = recon or ReconConfig()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     t0 = time.perf_counter()

@@ -44,6 +44,19 @@ class CalibConfig:
 
         return replace(self, T=self.T if self.T is not None else sampler_steps)
 
+    def checked(self) -> "CalibConfig":
+        """This config, ready to collect data: T set and c <= T (one clear line otherwise)."""
+        if self.T is None:
+            raise ConfigError("calib.T is not set: give it, or resolve it from the sampler's steps (CalibConfig.resolve)")
+        if self.c > self.T:
+            raise ConfigError(f"calib.c ({self.c}) must be <= calib.T ({self.T})")
+        return self
+
+    @property
+    def n_trajectories(self) -> int:
+        """FP sampling runs the collection makes: n (uniform), or all N from one step (t0, tmax)."""
+        return self.n if self.mode == "uniform" else self.N
+
     @property
     def kept_steps(self) -> int:
         if self.T is None:

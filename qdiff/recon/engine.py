@@ -161,6 +161,7 @@ def reconstruct(fp_model: nn.Module, q_model: nn.Module, calib, qcfg: QuantConfi
     with _work_folder(work_dir, recon_ident(ctx, units, specs), fresh=not cfg.resume) as root:
         reports = run_steps(steps, ctx, Checkpoints(root), progress)
     done = [r for r in reports if not r.resumed]
+    hard = _warn_undecided_rounding(reports, cfg)
     return {
         "output": {k: v for r in reports for k, v in r.extra.items()},
         "units": [asdict(u) for u in units],
@@ -168,11 +169,31 @@ def reconstruct(fp_model: nn.Module, q_model: nn.Module, calib, qcfg: QuantConfi
         "n_calibration_inputs": n,
         "steps": [{k: v for k, v in asdict(r).items() if k != "extra"} for r in reports],
         "resumed_steps": sum(r.resumed for r in reports),
+        "hard_fraction_mean": hard,
         "seconds_total": round(time.perf_counter() - t_start, 2),
         "seconds_capture": round(sum(r.capture_seconds for r in done), 2),
         "seconds_optimize": round(sum(r.optimize_seconds for r in done), 2),
         "work_dir": None if work_dir is None else str(work_dir),
     }
+
+
+#: Below this mean share of rounding variables at exactly 0 or 1, AdaRound did not converge in its budget.
+DECIDED = 0.9
+
+
+def _warn_undecided_rounding(reports: list[StepReport], cfg: ReconConfig) -> float | None:
+    """Mean hard fraction over the AdaRound steps; a warning with the fix when rounding ended undecided."""
+    fractions = [r.hard_fraction for r in reports if r.hard_fraction is not None]
+    if not fractions:
+        return None
+    mean = round(float(np.mean(fractions)), 4)
+    if mean < DECIDED:
+        log.warning("AdaRound ended undecided: on average only %.0f%% of the rounding variables reached 0 or 1 "
+                    "(%d units, weight_iters=%d, weight_lr=%g), so the rounding is close to round-to-nearest, not "
+                    "learned. Give it more iterations or a larger learning rate: ReconConfig.preset(\"cpu\") ends "
+                    "fully decided at 1000-1500 iterations (weight_lr=5e-2); the paper's weight_lr=1e-3 is set for 20k",
+                    100 * mean, len(fractions), cfg.weight_iters, cfg.weight_lr)
+    return mean
 
 
 @contextmanager

@@ -7,12 +7,15 @@ Units are ordered by when they first run in a forward pass.
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
 from torch import nn
 
 from qdiff.quant.layers import QuantLayer
+
+log = logging.getLogger("qdiff")
 
 #: Module classes reconstructed as one block.
 BLOCK_REGISTRY: set[type] = set()
@@ -72,7 +75,24 @@ def find_units(qmodel: nn.Module, order: list[str], granularity: str = "block",
     units = [u for u in units if u.name in rank]
     units.sort(key=lambda u: rank[u.name])
     if missing:
-        import logging
-
-        logging.getLogger("qdiff").warning("not reconstructed (never executed on calibration data): %s", missing)
+        log.warning("not reconstructed (never executed on calibration data): %s", missing)
+    if granularity == "block":
+        _log_layer_fallback(units, len(layers))
     return units
+
+
+def _log_layer_fallback(units: list[Unit], n_layers: int) -> None:
+    """Say which layers fall back to layer-by-layer reconstruction, and how to make them blocks.
+
+    A warning when most layers do (a network whose blocks qdiff does not know), else a note (the stem and the
+    output layers of a diffusers UNet are single layers by design).
+    """
+    alone = [u.name for u in units if u.kind == "layer"]
+    if not alone:
+        return
+    level = logging.WARNING if 2 * len(alone) > n_layers else logging.INFO
+    shown = ", ".join(alone[:5]) + (", ..." if len(alone) > 5 else "")
+    log.log(level, "%d of %d quantized layers are outside every registered block and are reconstructed one at a time "
+            "(%d layer units: %s; %d block units); to reconstruct your blocks jointly, register their class with "
+            "qdiff.recon.register_block(cls) or name them with ReconConfig(block_patterns=[regex])",
+            len(alone), n_layers, len(alone), shown, len(units) - len(alone))

@@ -1,5 +1,7 @@
 """Samplers: diffusers schedulers driving any noise predictor."""
-from qdiff.sampling.config import SAMPLERS, SamplerConfig
-from qdiff.sampling.samplers import build_scheduler, denoise, generate, guided_eps, initial_noise
+from qdiff.sampling.config import FROM_CONFIG, SAMPLERS, SamplerConfig
+from qdiff.sampling.samplers import (build_scheduler, denoise, generate, generate_batch, guided_eps, initial_noise,
+                                     scheduler_config_of)
 
-__all__ = ["SAMPLERS", "SamplerConfig", "build_scheduler", "denoise", "generate", "guided_eps", "initial_noise"]
+__all__ = ["FROM_CONFIG", "SAMPLERS", "SamplerConfig", "build_scheduler", "denoise", "generate", "generate_batch", "guided_eps",
+           "initial_noise", "scheduler_config_of"]

@@ -6,11 +6,15 @@ from dataclasses import dataclass
 from qdiff.errors import ConfigError
 
 SAMPLERS = ("ddim", "ddpm", "plms", "dpm_solver")
+#: Not a named sampler: the scheduler class recorded in the scheduler config itself (``_class_name``), e.g. a
+#: diffusers pipeline's own scheduler (``qdiff.calibration_data``, ``qdiff.quantize_pipeline``).
+FROM_CONFIG = "from_config"
 
 
 @dataclass
 class SamplerConfig:
-    #: ddim | ddpm | plms | dpm_solver (all diffusers schedulers on the model's training noise schedule).
+    #: ddim | ddpm | plms | dpm_solver (all diffusers schedulers on the model's training noise schedule), or
+    #: from_config: the class named by the scheduler config's ``_class_name`` (any diffusers scheduler).
     name: str = "ddim"
     #: Number of denoising steps.
     steps: int = 100
@@ -20,7 +24,7 @@ class SamplerConfig:
     batch_size: int = 256
 
     def __post_init__(self) -> None:
-        if self.name not in SAMPLERS:
+        if self.name not in SAMPLERS and self.name != FROM_CONFIG:
             raise ConfigError(f"unknown sampler '{self.name}'; known: {', '.join(SAMPLERS)}")
         if self.steps <= 0:
             raise ConfigError(f"sampler.steps must be > 0, got {self.steps}")

@@ -14,14 +14,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qdiff.errors import ConfigError
 from qdiff.models.base import DiffusionModel, eps
-from qdiff.sampling.config import SamplerConfig
+from qdiff.sampling.config import FROM_CONFIG, SamplerConfig
 
 
 def build_scheduler(cfg: SamplerConfig, train_config: dict):
     """A fresh diffusers scheduler (they carry per-trajectory state, so one per batch)."""
     import diffusers
 
+    if cfg.name == FROM_CONFIG:
+        sched = scheduler_class(train_config).from_config(train_config)
+        sched.set_timesteps(cfg.steps)
+        return sched
     cls, extra = {
         "ddim": (diffusers.DDIMScheduler, {}),
         "ddpm": (diffusers.DDPMScheduler, {}),
@@ -33,6 +38,40 @@ def build_scheduler(cfg: SamplerConfig, train_config: dict):
     sched = cls(**kwargs)
     sched.set_timesteps(cfg.steps)
     return sched
+
+
+def scheduler_class(config: dict) -> type:
+    """The diffusers scheduler class a scheduler config names (``_class_name``), checked."""
+    import diffusers
+
+    name = config.get("_class_name")
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise ConfigError(f"scheduler config names {name!r}, which is not a diffusers scheduler class "
+                          "(give a scheduler instance or its config with _class_name)")
+    return cls
+
+
+def scheduler_config_of(scheduler) -> dict:
+    """A diffusers scheduler (instance or config dict) as a JSON config that names its class (``_class_name``).
+
+    Private bookkeeping keys (``_diffusers_version``, ``_use_default_values``) are dropped: they do not change
+    the schedule, so they must not change cache keys either.
+    """
+    import json
+
+    import diffusers
+
+    if isinstance(scheduler, diffusers.SchedulerMixin):
+        config = {**dict(scheduler.config), "_class_name": type(scheduler).__name__}
+    elif isinstance(scheduler, dict):
+        config = dict(scheduler)
+    else:
+        raise ConfigError(f"scheduler must be a diffusers scheduler (e.g. diffusers.DDIMScheduler()) or its config "
+                          f"with _class_name, got {type(scheduler).__name__}")
+    scheduler_class(config)
+    config = {k: v for k, v in config.items() if k == "_class_name" or not k.startswith("_")}
+    return json.loads(json.dumps(config, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
 def guided_eps(unet: nn.Module, x_in: torch.Tensor, t: torch.Tensor, cond: dict | None, uncond: dict | None,
@@ -139,13 +178,19 @@ def generate(
     if model.is_text_guided and (prompts is None or len(prompts) < n):
         raise ValueError(f"{model.name} is text-guided: need {n} prompts, got {0 if prompts is None else len(prompts)}")
     noise = initial_noise(model.sample_shape, n, seed) if noise is None else noise[:n]
-    out = []
     n_batches = (n + cfg.batch_size - 1) // cfg.batch_size
     bar = tqdm(total=n_batches * cfg.steps, desc=desc, unit="step", disable=not progress, leave=False)
-    for b in range(n_batches):
-        sl = slice(b * cfg.batch_size, min(n, (b + 1) * cfg.batch_size))
-        cond, uncond = prompt_conditioning(model, prompts[sl] if prompts is not None else [], device)
-        z = denoise(model, unet, cfg, noise[sl].to(device), cond, uncond, batch_generator(seed, b), progress=bar)
-        out.append((z if return_latents else model.decode(z)).float().cpu())
+    out = [generate_batch(model, unet, cfg, noise, b, seed, device, prompts, return_latents, bar) for b in range(n_batches)]
     bar.close()
     return torch.cat(out)
+
+
+@torch.no_grad()
+def generate_batch(model: DiffusionModel, unet: nn.Module, cfg: SamplerConfig, noise: torch.Tensor, b: int, seed: int,
+                   device: torch.device | str = "cpu", prompts: Sequence[str] | None = None, return_latents: bool = False,
+                   progress: tqdm | None = None) -> torch.Tensor:
+    """Sampler batch number ``b`` of a run from ``noise`` (its rows b * batch_size ...), on the CPU."""
+    sl = slice(b * cfg.batch_size, min(noise.shape[0], (b + 1) * cfg.batch_size))
+    cond, uncond = prompt_conditioning(model, prompts[sl] if prompts is not None else [], device)
+    z = denoise(model, unet, cfg, noise[sl].to(device), cond, uncond, batch_generator(seed, b), progress=progress)
+    return (z if return_latents else model.decode(z)).float().cpu()
