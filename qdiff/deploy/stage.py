@@ -20,8 +20,8 @@ def deploy(model, qunet: nn.Module, artifact: Path, spec) -> tuple[nn.Module, di
 
     cfg = spec.deploy
     t0 = time.perf_counter()
-    deployed = load_deployed(artifact, backend=cfg.backend, device=spec.device, compile=cfg.compile) \
-        if cfg.backend == "int8" else load_deployed(artifact, backend=cfg.backend, device=spec.device)
+    options = {"compile": cfg.compile} if cfg.backend == "int8" else {}
+    deployed = load_deployed(artifact, backend=cfg.backend, device=spec.device, **options)
     variants = {"fp_eager": model.unet, "simulated": qunet, "deployed": deployed}
     if spec.device.type == "cpu":
         variants["fp_compiled"] = compile_fp(model.unet)
