@@ -69,3 +69,16 @@ def test_wandb_offline_run_is_created(tmp_path):
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("*.wandb")), "the offline run holds its event log"
+
+
+def test_kid_precision_recall_and_the_fid_interval_are_sane(digits_real):
+    ev = EvalConfig(n_samples=256, isc_splits=4, bootstrap=20)
+    perm = torch.randperm(len(digits_real), generator=torch.Generator().manual_seed(1))
+    same = compute_metrics(digits_real[perm[:256]], digits_real[perm[256:]], "digits", ev)
+    noise = compute_metrics(torch.rand(256, 1, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1, digits_real,
+                            "digits", ev)
+    for m in (same, noise):
+        lo, hi = m["fid_ci95"]
+        assert lo < m["fid"] < hi and m["kid_std"] >= 0
+    assert same["precision"] > 0.5 and same["recall"] > 0.5 and noise["precision"] < 0.1 and noise["recall"] < 0.1
+    assert noise["kid"] > 50 * max(same["kid"], same["kid_std"]) and noise["fid_ci95"][0] > same["fid_ci95"][1]

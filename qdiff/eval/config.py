@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 
 from qdiff.errors import ConfigError
 
+#: The digits classifier's layers a digits FID can be computed on (qdiff.models.digits.DigitsClassifier.layers).
+DIGITS_LAYERS = ("conv1_gap", "conv1_pool2", "conv2_gap", "conv2_pool2", "conv3_gap", "conv3_pool2", "pool_flat", "fc_pre",
+                 "fc", "logits")
 #: The prompts of the paper's Stable Diffusion figures (Figures 9 and 10).
 PAPER_PROMPTS = ("A puppy wearing a hat.", "Cluttered house in the woods in anime oil painting style.")
 
@@ -26,6 +29,14 @@ class EvalConfig:
     inception_weights: str | None = None
     #: Digits classifier weights used as torch-fidelity feature extractor; ``None`` = the bundled ones.
     digits_classifier: str | None = None
+    #: The digits classifier's layer whose features FID, KID and precision/recall compare (DIGITS_LAYERS).
+    digits_feature: str = "conv2_pool2"
+    #: Kernel Inception Distance (mean and std over subsets of up to 1000) with the FID features.
+    kid: bool = True
+    #: Precision and recall (k-NN manifolds, k = 3) with the FID features.
+    prc: bool = True
+    #: Resamples of the generated set for FID's 95 % bootstrap interval (0: none).
+    bootstrap: int = 100
     #: Images per model in ``samples.png`` (FP | quantized | linear, from the same noise).
     grid_size: int = 64
     #: Upscaling of those images (nearest neighbour), so that small images stay readable.
@@ -56,6 +67,10 @@ class EvalConfig:
             raise ConfigError(f"eval.n_samples must be >= 2 (FID needs a covariance), got {self.n_samples}")
         if self.batch_size <= 0 or self.grid_size < 0 or self.analysis_batch <= 0 or self.grid_scale < 1:
             raise ConfigError("eval.batch_size, eval.analysis_batch and eval.grid_scale must be > 0 and eval.grid_size >= 0")
+        if self.digits_feature not in DIGITS_LAYERS:
+            raise ConfigError(f"eval.digits_feature must be one of {', '.join(DIGITS_LAYERS)}, got '{self.digits_feature}'")
+        if self.bootstrap < 0:
+            raise ConfigError(f"eval.bootstrap must be >= 0, got {self.bootstrap}")
         if self.isc_splits is None:
             self.isc_splits = min(10, self.n_samples)
         if self.isc_splits <= 0 or self.isc_splits > self.n_samples:

@@ -1,8 +1,9 @@
-"""FID and IS through torch-fidelity.
+"""FID, IS, KID and precision/recall through torch-fidelity.
 
 RGB models use torch-fidelity's InceptionV3. The embedded digits model uses a small digits classifier
 (trained by ``experiments/train_digits_classifier.py``) registered in torch-fidelity's own
-feature-extractor registry as ``qdiff-digits``: its penultimate features drive FID, its logits IS.
+feature-extractor registry as ``qdiff-digits``: the layer ``eval.digits_feature`` drives FID, KID and
+precision/recall, its logits IS.
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
 from qdiff.errors import QDiffError
-from qdiff.eval.config import EvalConfig
+from qdiff.eval.config import DIGITS_LAYERS, EvalConfig
 
 DIGITS_EXTRACTOR = "qdiff-digits"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -67,7 +69,7 @@ def _register_digits_extractor() -> None:
 
         @staticmethod
         def get_provided_features_list():
-            return ("features", "logits_unbiased", "logits")
+            return (*DIGITS_LAYERS, "features", "logits_unbiased")
 
         @staticmethod
         def get_default_feature_layer_for_metric(metric):
@@ -87,8 +89,8 @@ def _register_digits_extractor() -> None:
                 x = x.mean(1, keepdim=True)
             if x.shape[-1] != 16:
                 x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
-            feat, logits = self.net(x)
-            out = {"features": feat, "logits_unbiased": logits, "logits": logits}
+            out = self.net.layers(x)
+            out.update(features=out["fc"], logits_unbiased=out["logits"])  # torch-fidelity's default names
             return tuple(out[k] for k in self.features_list)
 
     torch_fidelity.register_feature_extractor(DIGITS_EXTRACTOR, DigitsFeatureExtractor)
@@ -123,31 +125,79 @@ def resolve_inception_weights(path: str | None, cache_dir: str | os.PathLike) ->
     return resolve_inception_weights(str(hub), cache_dir)
 
 
+class Scorer:
+    """FID (with a bootstrap interval), IS, KID and precision/recall of sample sets against one real set,
+    all through torch-fidelity's metric functions on features extracted once per set (the real set's once).
+
+    Features: the digits classifier's ``eval.digits_feature`` layer for digits, InceptionV3's 2048-d pool
+    features otherwise; IS uses the logits. KID's subset size and IS's splits shrink to fit small sets.
+    """
+
+    def __init__(self, real: torch.Tensor, kind: str, cfg: EvalConfig, device: torch.device | str = "cpu",
+                 inception_weights: str | None = None, seed: int = 0) -> None:
+        from torch_fidelity.utils import create_feature_extractor
+
+        self.cfg, self.seed, self.cuda = cfg, seed, torch.device(device).type == "cuda"
+        if kind == "digits":
+            _register_digits_extractor()
+            name, self.layer, self.rgb = DIGITS_EXTRACTOR, cfg.digits_feature, False
+            weights = cfg.digits_classifier
+        else:
+            name, self.layer, self.rgb, weights = "inception-v3-compat", "2048", True, inception_weights
+        self.extractor = create_feature_extractor(name, [self.layer, "logits_unbiased"], cuda=self.cuda, verbose=False,
+                                                  feature_extractor_weights_path=weights)
+        self.real = self.features(real)[self.layer]
+        self.real_stats = fid_features_to_statistics(self.real)
+
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        from torch_fidelity.utils import get_featuresdict_from_dataset
+
+        return get_featuresdict_from_dataset(ImageTensorDataset(to_uint8(images), self.rgb), self.extractor,
+                                             self.cfg.batch_size, self.cuda, True, False)
+
+    def __call__(self, images: torch.Tensor) -> dict:
+        from torch_fidelity.metric_isc import isc_features_to_metric
+        from torch_fidelity.metric_kid import kid_features_to_metric
+        from torch_fidelity.metric_prc import prc_features_to_metric
+
+        cfg, feats = self.cfg, self.features(images)
+        gen = feats[self.layer]
+        out: dict = {}
+        if cfg.fid:
+            out["fid"] = self.fid(gen)
+            if cfg.bootstrap:
+                out["fid_ci95"] = self.fid_interval(gen)
+        if cfg.isc:
+            isc = isc_features_to_metric(feats["logits_unbiased"], splits=min(cfg.isc_splits, len(gen)), rng_seed=self.seed)
+            out.update({"is": float(isc["inception_score_mean"]), "is_std": float(isc["inception_score_std"])})
+        if cfg.kid:
+            size = min(1000, len(gen), len(self.real))
+            kid = kid_features_to_metric(gen, self.real, kid_subset_size=size, kid_subsets=100, kid_degree=3,
+                                         kid_gamma=None, kid_coef0=1, rng_seed=self.seed, verbose=False)
+            out.update({"kid": float(kid["kernel_inception_distance_mean"]), "kid_std": float(kid["kernel_inception_distance_std"])})
+        if cfg.prc:
+            prc = prc_features_to_metric(gen, self.real, prc_neighborhood=3, prc_batch_size=10000, save_cpu_ram=True,
+                                         verbose=False)
+            out.update({"precision": float(prc["precision"]), "recall": float(prc["recall"])})
+        return out
+
+    def fid(self, gen: torch.Tensor) -> float:
+        return float(fid_statistics_to_metric(fid_features_to_statistics(gen), self.real_stats, False)["frechet_inception_distance"])
+
+    def fid_interval(self, gen: torch.Tensor) -> list[float]:
+        """95 % interval FID +- 1.96 standard errors, the error being the spread of FID over ``eval.bootstrap``
+        resamples (with replacement) of the generated set: how much this number moves with the draw of samples.
+        (Resampled sets hold duplicates, which inflates each resampled FID; their spread is still the error.)"""
+        g = torch.Generator().manual_seed(self.seed)
+        values = torch.tensor([self.fid(gen[torch.randint(0, len(gen), (len(gen),), generator=g)])
+                               for _ in range(self.cfg.bootstrap)])
+        point, half = self.fid(gen), 1.96 * float(values.std())
+        return [round(point - half, 4), round(point + half, 4)]
+
+
 def compute_metrics(
     samples: torch.Tensor, real: torch.Tensor, kind: str, cfg: EvalConfig, device: torch.device | str = "cpu",
     inception_weights: str | None = None, seed: int = 0,
 ) -> dict[str, float]:
-    """FID of ``samples`` against ``real`` and IS of ``samples`` (both [N,C,H,W] in [-1, 1])."""
-    import torch_fidelity
-
-    if kind == "digits":
-        _register_digits_extractor()
-        extractor = {"feature_extractor": DIGITS_EXTRACTOR, "feature_extractor_weights_path": cfg.digits_classifier}
-        rgb = False
-    else:
-        extractor = {"feature_extractor": "inception-v3-compat", "feature_extractor_weights_path": inception_weights}
-        rgb = True
-    res = torch_fidelity.calculate_metrics(
-        input1=ImageTensorDataset(to_uint8(samples), rgb),
-        input2=ImageTensorDataset(to_uint8(real), rgb),
-        cuda=torch.device(device).type == "cuda",
-        fid=cfg.fid, isc=cfg.isc, isc_splits=cfg.isc_splits, batch_size=cfg.batch_size,
-        save_cpu_ram=True, cache=False, verbose=False, rng_seed=seed, **extractor,
-    )
-    out: dict[str, float] = {}
-    if cfg.fid:
-        out["fid"] = float(res["frechet_inception_distance"])
-    if cfg.isc:
-        out["is"] = float(res["inception_score_mean"])
-        out["is_std"] = float(res["inception_score_std"])
-    return out
+    """Every configured metric of ``samples`` against ``real`` (both [N,C,H,W] in [-1, 1]); see :class:`Scorer`."""
+    return Scorer(real, kind, cfg, device, inception_weights, seed)(samples)

@@ -1,8 +1,10 @@
-"""The evaluate stage of a run: FID/IS of the samples and of the FP reference (same noise), text-guided
-scores, the per-step error analysis (Fig. 2, 3, 6) and the comparison figure ``samples.png``."""
+"""The evaluate stage of a run: FID (with its bootstrap interval), IS, KID, precision/recall of the samples and
+of the FP reference (same noise), the samples' paired error against FP, text-guided scores, the per-step error
+analysis (Fig. 2, 3, 6) and the comparison figure ``samples.png``."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import torch
 from torch import nn
 
 from qdiff.cache import Entry, save_tensors
-from qdiff.eval.fidelity import compute_metrics, to_uint8
+from qdiff.eval.fidelity import Scorer, to_uint8
 from qdiff.models.base import DiffusionModel, fingerprint
 from qdiff.sampling import generate, initial_noise
 
@@ -23,11 +25,11 @@ def evaluate(model: DiffusionModel, unet: nn.Module, samples: torch.Tensor, spec
     """Scores of ``samples`` (made by ``unet``) and everything compared with FP; returns (scores, extra metrics).
 
     ``deployed``: the deployed artifact's samples from the same noise, scored next to the simulated ones."""
+    scorer = Scorer(real, model.eval_kind, spec.eval, spec.device, pre.get("inception_weights"), spec.seed) \
+        if real is not None and (spec.eval.fid or spec.eval.isc) else None
+
     def score(images: torch.Tensor) -> dict:
-        if real is None:
-            return {}
-        return compute_metrics(images, real, model.eval_kind, spec.eval, spec.device, pre.get("inception_weights"),
-                               seed=spec.seed)
+        return {} if scorer is None else scorer(images)
 
     scores, extra = score(samples), {}
     if deployed is not None:
@@ -37,6 +39,7 @@ def evaluate(model: DiffusionModel, unet: nn.Module, samples: torch.Tensor, spec
     if spec.quant.enabled:
         fp_samples, fp_hit = fp_reference(model, spec, prompts)
         extra["fp"] = {**score(fp_samples), "cache_hit": fp_hit}
+        scores.update(paired(samples, fp_samples))
     if model.is_text_guided:
         from qdiff.eval.text import evaluate_text
 
@@ -51,6 +54,12 @@ def evaluate(model: DiffusionModel, unet: nn.Module, samples: torch.Tensor, spec
         extra["analysis"] = analysis(model, unet, spec, prompts, spec.output_dir, tracker)
     comparison_figure(model, unet, samples, fp_samples, scores, extra.get("fp", {}), spec, prompts, calib)
     return scores, extra
+
+
+def paired(samples: torch.Tensor, fp_samples: torch.Tensor) -> dict:
+    """Final-sample error against FP from the same noise: MSE and PSNR (images in [-1, 1], peak-to-peak 2)."""
+    mse = float(((samples - fp_samples) ** 2).mean())
+    return {"mse_vs_fp": mse, "psnr_vs_fp": 10 * math.log10(4 / mse) if mse > 0 else float("inf")}
 
 
 def fp_reference(model: DiffusionModel, spec, prompts: list[str] | None) -> tuple[torch.Tensor, bool]:

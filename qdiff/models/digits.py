@@ -83,3 +83,21 @@ class DigitsClassifier(torch.nn.Module):
         """x in [-1, 1], shape [B, 1, 16, 16] -> (features, logits)."""
         f = self.body(x)
         return f, self.head(f)
+
+    def layers(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every candidate feature layer for FID (experiments/metric_layers.py measures which reads best): each
+        conv block's activations averaged globally (``*_gap``: 32, 32, 64-d) and over 2x2 quadrants (``*_pool2``:
+        128, 128, 256-d), the flattened last pool (1024-d), the penultimate layer before and after its ReLU
+        (128-d) and the logits (10-d)."""
+        out: dict[str, torch.Tensor] = {}
+        h = x
+        names = {1: "conv1", 3: "conv2", 6: "conv3", 8: "pool_flat", 9: "fc_pre", 10: "fc"}
+        for i, m in enumerate(self.body):
+            h = m(h)
+            if h.dim() == 4 and i in names:
+                out[f"{names[i]}_gap"] = h.mean((2, 3))
+                out[f"{names[i]}_pool2"] = torch.nn.functional.adaptive_avg_pool2d(h, 2).flatten(1)
+            elif i in names:
+                out[names[i]] = h
+        out["logits"] = self.head(h)
+        return out
