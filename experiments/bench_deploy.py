@@ -33,6 +33,7 @@ class StockInt8(nn.Module):
     def __init__(self, unet: nn.Module, calib, batch: int, weight_bits: int) -> None:
         super().__init__()
         import torch._inductor.config as inductor_config
+        from torch._inductor.compile_fx import compile_fx
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
         from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
             X86InductorQuantizer, get_default_x86_inductor_quantization_config)
@@ -51,18 +52,14 @@ class StockInt8(nn.Module):
             for start in range(0, len(calib) - batch + 1, batch):   # every full batch of the calibration set
                 xb, tb, _ = calib.get(list(range(start, start + batch)))
                 prepared(xb, tb.float())
-            self.graph = convert_pt2e(prepared)
-        self.fn = torch.compile(self.graph)
-        self.batch = batch
-        with inductor_config.patch(freezing=True), torch.no_grad():
-            self.fn(x, t.float())
+            graph = convert_pt2e(prepared)
+            with inductor_config.patch(freezing=True):  # compiled like the int8 backend (qdiff.deploy.int8)
+                self.fn = compile_fx(graph, [x, t.float()])
+                self.fn(x, t.float())
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        import torch._inductor.config as inductor_config
-
-        t = torch.as_tensor(t).float().reshape(-1).expand(x.shape[0])
-        with inductor_config.patch(freezing=True), torch.no_grad():
-            return self.fn(x, t)
+        with torch.no_grad():
+            return self.fn(x, torch.as_tensor(t).float().reshape(-1).expand(x.shape[0]))
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from qdiff.errors import ConfigError
+from qdiff.models.base import unwrap_output
 from qdiff.quant.layers import QuantLayer
 from qdiff.quant.wrap import quant_layers
 
@@ -133,21 +134,21 @@ class Int8Layer(nn.Module):
 
 
 class _Eps(nn.Module):
-    """The network's noise estimate as a plain tensor (what torch.export traces)."""
+    """The network's noise estimate as a plain tensor of positional inputs (what torch.export traces):
+    ``(x, t, *cond)`` with the conditioning tensors in the order of ``keys``."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, keys: list[str] = ()) -> None:
         super().__init__()
-        self.net = net
+        self.net, self.keys = net, list(keys)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        from qdiff.models.base import unwrap_output
-
-        return unwrap_output(self.net(x, t, **cond))
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        return unwrap_output(self.net(x, t, **dict(zip(self.keys, cond))))
 
 
 class CompiledUNet(nn.Module):
     """A network called like the original (``model(x_t, t, **cond)``), exported and compiled once per input
-    signature with inductor's weight freezing: the int8 backend, and the compiled-FP32 baseline it is timed against.
+    signature (shapes) with inductor's weight freezing: the int8 backend, and the compiled-FP32 baseline it is
+    timed against.
 
     ``kernels``: int8 kernels inductor produced vs expected, per compiled signature (a shortfall means some
     layer silently ran in float and is logged as a warning).
@@ -171,32 +172,38 @@ class CompiledUNet(nn.Module):
         if not all(isinstance(v, torch.Tensor) for v in cond.values()):
             raise TypeError(f"int8 backend: only tensor keyword arguments are supported, got {sorted(cond)}")
         with torch.no_grad():
-            out = self._run(x, t, cond) if self.compile else _Eps(self.net)(x, t, **cond)
+            out = self._run(x, t, cond) if self.compile else unwrap_output(self.net(x, t, **cond))
         if not return_dict:
             return (out,)
         return DeployedUNetOutput(sample=out) if self.diffusers else out
 
     def _run(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        keys = sorted(cond)
+        args = (x, t, *(cond[k] for k in keys))
+        key = tuple((tuple(a.shape), a.dtype) for a in args) + tuple(keys)
+        fn = self._compiled.get(key)
+        if fn is None:
+            fn = self._compiled[key] = self._compile(args, keys)
+        return fn(*args)
+
+    def _compile(self, args: tuple, keys: list[str]):
+        """Export for these shapes and compile with inductor directly (no dynamo guards at call time: the
+        per-call overhead would be a tenth of this small network's latency)."""
         import torch._inductor.config as inductor_config
+        from torch._dynamo.utils import counters
+        from torch._inductor.compile_fx import compile_fx
 
-        key = (tuple(x.shape), x.dtype, tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(cond.items())))
-        with inductor_config.patch(freezing=True):
-            fn = self._compiled.get(key)
-            if fn is not None:
-                return fn(x, t, **cond)
-            from torch._dynamo.utils import counters
-
-            before = {k: counters["inductor"].get(f"q{k}_weight_prepack_matcher_count", 0) for k in ("conv", "linear")}
-            exported = torch.export.export(_Eps(self.net).eval(), (x, t), cond)
-            fn = self._compiled[key] = torch.compile(exported.module())
-            with warnings.catch_warnings():  # inductor's own int8 lowering copy-constructs a tensor
-                warnings.filterwarnings("ignore", message="To copy construct from a tensor")
-                out = fn(x, t, **cond)
-            found = {k: counters["inductor"].get(f"q{k}_weight_prepack_matcher_count", 0) - before[k] for k in before}
-        self.kernels[str(key[0])] = {"int8": found, "expected": self.expected}
+        before = {k: counters["inductor"].get(f"q{k}_weight_prepack_matcher_count", 0) for k in ("conv", "linear")}
+        with inductor_config.patch(freezing=True), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="To copy construct from a tensor")  # inductor's int8 lowering
+            graph = torch.export.export(_Eps(self.net, keys).eval(), args).module()
+            fn = compile_fx(graph, list(args))
+            fn(*args)
+        found = {k: counters["inductor"].get(f"q{k}_weight_prepack_matcher_count", 0) - before[k] for k in before}
+        self.kernels[str(tuple(args[0].shape))] = {"int8": found, "expected": self.expected}
         if found != self.expected:
             log.warning("int8 backend: inductor lowered %s int8 kernels, expected %s: the rest runs in float", found, self.expected)
-        return out
+        return fn
 
 
 def lower_int8(simulated: nn.Module, compile: bool = True) -> CompiledUNet:
