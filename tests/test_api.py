@@ -135,6 +135,27 @@ def test_api_calibration_feeds_quantize_and_the_output_bias_match(tmp_path):
     assert abs(float(d.mean())) == pytest.approx(abs(bm["mean_dev_after"][0]), abs=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_whole_api_runs_on_a_gpu(tmp_path):
+    """Calibration, reconstruction (Lightning moves the unit it trained back to the CPU at teardown, and the
+    row-index batches must stay on the host), the bias match, export and load_deployed, all on the GPU. Both
+    were broken until run on an H200 (docs/measurements/)."""
+    torch.manual_seed(0)
+    net = TinyUNet().eval().cuda()
+    calib = qdiff.calibration_data(net, _ddim(), (1, 16, 16), T=10, c=2, n=8, cache_dir=tmp_path, progress=False)
+    recon = ReconConfig.preset("cpu", weight_iters=30, act_iters=5, batch_size=8, block_patterns=["down", "dec", "mid"],
+                               probe_samples=8)
+    q = qdiff.quantize(net, W4A8, calib, recon, progress=False)
+    assert {p.device.type for p in q.parameters()} == {"cuda"}
+    qdiff.export(q, tmp_path / "art")
+    d = qdiff.load_deployed(tmp_path / "art", backend="simulated", device="cuda")
+    x, t, _ = calib.get(list(range(8)), "cuda")
+    with torch.no_grad():
+        assert torch.equal(d(x, t), q(x, t))
+    with pytest.raises(ConfigError, match="on the CPU"):
+        qdiff.load_deployed(tmp_path / "art", backend="int8", device="cuda")
+
+
 # --- diffusers pipelines ----------------------------------------------------------------------------------------
 
 def _images(pipe, *args, **kwargs) -> np.ndarray:

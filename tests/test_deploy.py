@@ -188,3 +188,8 @@ def test_run_with_deploy_int8_samples_the_artifact_and_records_it(compose_cfg):
     assert {"fid", "is", "mse_vs_simulated"} <= set(d) and d["mse_vs_simulated"] < 0.05
     assert all(k["int8"] == k["expected"] for k in d["kernels"].values())
     assert m["cost"]["seconds"]["deploy"] > 0 and objects["samples"].shape[0] == 16
+
+
+def test_int8_backend_on_a_gpu_is_refused_in_one_line_before_loading(tmp_path):
+    with pytest.raises(ConfigError, match="x86 \\(oneDNN\\) int8 kernels on the CPU, not on cuda"):
+        load_deployed(tmp_path / "not-read", backend="int8", device="cuda")

@@ -24,6 +24,9 @@ def load_deployed(path: str | Path, backend: str = "simulated", device: torch.de
 
     if backend not in BACKENDS:
         raise ConfigError(f"unknown deploy backend '{backend}'; known: {', '.join(BACKENDS)}")
+    if backend == "int8" and torch.device(device).type != "cpu":
+        raise ConfigError(f"the int8 backend runs PyTorch's x86 (oneDNN) int8 kernels on the CPU, not on {device}; "
+                          "use backend='simulated' there")
     art = Artifact(path)
     from qdiff.deploy.simulated import load_simulated
 

@@ -73,6 +73,10 @@ class ReconModule(pl.LightningModule):
             return [opt], [sched]
         return opt
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        # the batch is a set of row indices into the unit cache: it stays on the host (the cache reads the rows)
+        return batch
+
     def train_dataloader(self):
         return DataLoader(_RandomRows(self.cache.n, self.cfg.batch_size, self.steps, self.seed), batch_size=None)
 

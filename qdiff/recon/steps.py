@@ -129,6 +129,7 @@ class _UnitStep:
             iters = self.iters(ctx.cfg)
             module = ReconModule(unit_mod, cache, ctx.calib, ctx.sample_idx, self.phase, params, ctx.cfg, iters, self.seed, ada)
             trainer_for(iters, ctx.device, ctx.cfg.precision, ctx.cfg.lightning_progress, ctx.logger, ctx.callbacks).fit(module)
+            unit_mod.to(ctx.device)  # Lightning's teardown moves the module it trained to the CPU
             for p in params:
                 p.requires_grad_(False)
         self.end(ctx, ada, rep)
