@@ -1,13 +1,15 @@
-"""Q-Diffusion on digits (issue 4; the paper's Table 2 and its central claim): recovered share of the FID gap.
+"""Q-Diffusion on digits (the paper's Table 2 and its central claim): the recovered share of linear's FID gap.
 
-For each bit setting runs linear (round-to-nearest) and qdiff with the given reconstruction budget, then
-reports FID/IS, gap recovered = 1 - (FID_qdiff - FID_fp) / (FID_linear - FID_fp) (paper: 0.988 on
-CIFAR-10 W4A8), and the cost (calibration, reconstruction, total seconds). With several --seeds, every
-model is evaluated on each sampling seed (the reconstruction is cached by its settings, so extra seeds
-cost only sampling) and the table gives mean and standard deviation over seeds. Runs that already have
-a metrics.json under --out are reused. Prints a Markdown table, writes JSON.
+For each bit setting runs linear (round-to-nearest) and qdiff with the given reconstruction budget on every
+reconstruction seed (``--recon-seeds``, i.e. ``recon.seed``: the AdaRound/LSQ batch order) and evaluates each on
+every sampling seed (``--seeds``; the reconstruction is cached by its settings, so extra sampling seeds cost only
+sampling). Per (reconstruction, sampling seed): FID of FP, linear and qdiff on the same noise, and the recovered
+share 1 - (FID_qdiff - FID_fp) / (FID_linear - FID_fp) (paper: 0.988 on CIFAR-10 W4A8) with a paired bootstrap
+interval (``Scorer.recovered_share``: one resample of noise indices applied to all three sets). The table gives,
+per reconstruction, the mean over sampling seeds and the lowest interval bound; the cost of the run that built it.
+Runs that already have a metrics.json under --out are reused. Prints a Markdown table, writes JSON.
 
-    python experiments/bench_qdiff.py [--bits w4a8 w4a32 w8a8 w8a32] [--seeds 0 1 2] [--tag cpu] [Hydra overrides ...]
+    python experiments/bench_qdiff.py [--bits w4a8 w4a32] [--seeds 0 1] [--recon-seeds 0 1 2] [--tag cpu] [overrides ...]
 """
 from __future__ import annotations
 
@@ -15,7 +17,23 @@ import argparse
 import statistics
 from pathlib import Path
 
-from common import ROOT, gap_recovered, print_table, run_one, write_json
+from common import ROOT, compose, print_table, run_one, write_json
+
+
+def fp_samples(overrides: list[str], out_dir: Path):
+    """The run's FP reference samples (the cached set every quantized run of that seed is compared with)."""
+    from qdiff.eval.run import fp_reference
+    from qdiff.models import load_model
+    from qdiff.spec import build_spec
+
+    spec = build_spec(compose(overrides, out_dir))
+    return fp_reference(load_model(spec.model), spec, None)[0], spec
+
+
+def samples_of(run_dir: Path):
+    from qdiff.io import load_state_dict_file
+
+    return load_state_dict_file(run_dir / "samples.safetensors")["samples"].float() / 127.5 - 1
 
 
 def main() -> None:
@@ -23,40 +41,52 @@ def main() -> None:
     p.add_argument("--bits", nargs="+", default=["w4a8", "w4a32"])
     p.add_argument("--tag", default="default", help="names the qdiff runs of this budget/setting")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling/evaluation seeds")
+    p.add_argument("--recon-seeds", type=int, nargs="+", default=[0], help="reconstruction seeds (recon.seed)")
+    p.add_argument("--bootstrap", type=int, default=200, help="resamples for the recovered share's interval")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "qdiff")
+    p.add_argument("--common", default="", help="Hydra overrides for every run, FP and linear too (space-separated)")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for the qdiff runs (e.g. recon.weight_iters=2000)")
     args = p.parse_args()
-    rows = []
+    from qdiff.eval.fidelity import Scorer
+    from qdiff.models import load_model
 
-    def stat(values: list[float]) -> tuple[float, float]:
-        return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
+    rows, scorer, common = [], None, args.common.split()
     for bits in args.bits:
-        per_seed, costs = [], None
-        for seed in args.seeds:
-            sfx = "" if seed == 0 else f"_seed{seed}"
-            lin = run_one([f"quant={bits}", "quant.method=linear", f"seed={seed}"],
-                          args.out.parent / "linear" / f"linear_{bits}{sfx}")  # shared with bench_linear
-            q = run_one([f"quant={bits}", "quant.method=qdiff", f"seed={seed}", *args.overrides],
-                        args.out / f"qdiff_{bits}_{args.tag}{sfx}")
-            per_seed.append((q["fp"]["fid"], q["fp"]["is"], lin["fid"], lin["is"], q["fid"], q["is"],
-                             gap_recovered(q["fid"], q["fp"]["fid"], lin["fid"])))
-            costs = costs or q  # cost of the run that built the reconstruction (later seeds reuse it)
-        cols = list(zip(*per_seed))
-        (fp, fp_sd), (lin_fid, lin_sd), (q_fid, q_sd), (recov, recov_sd) = (stat(list(cols[i])) for i in (0, 2, 4, 6))
-        rec = costs.get("reconstruction", {})
-        label = q["quant"]
-        rows += [
-            {"bits": label, "method": "fp", "FID": fp, "FID_sd": fp_sd, "IS": statistics.mean(cols[1])},
-            {"bits": label, "method": "linear", "FID": lin_fid, "FID_sd": lin_sd, "IS": statistics.mean(cols[3])},
-            {"bits": label, "method": f"qdiff[{args.tag}]", "FID": q_fid, "FID_sd": q_sd, "IS": statistics.mean(cols[5]),
-             "recovered": recov, "recovered_sd": recov_sd, "recovered_per_seed": [round(v, 4) for v in cols[6]],
-             "calib_s": costs["cost"]["seconds"].get("calib_data", 0.0), "recon_s": rec.get("seconds_total", 0.0),
-             "total_s": costs["cost"]["total_seconds"], "overrides": " ".join(args.overrides)},
-        ]
-    table = print_table(rows, ["bits", "method", "FID", "FID_sd", "IS", "recovered", "recovered_sd", "recon_s", "total_s"],
-                        f"Q-Diffusion vs linear on digits [{args.tag}], seeds {args.seeds} (mean, sd over seeds)")
-    write_json(args.out / f"results_{args.tag}.json", {"rows": rows, "table": table, "overrides": args.overrides, "seeds": args.seeds})
+        for rs in args.recon_seeds:
+            per_seed, cost = [], None
+            for seed in args.seeds:
+                sfx = "" if seed == 0 else f"_seed{seed}"
+                rsfx = "" if rs == 0 else f"_rs{rs}"
+                lin_dir = args.out.parent / "linear" / f"linear_{bits}{sfx}"  # shared with bench_linear
+                q_dir = args.out / f"qdiff_{bits}_{args.tag}{rsfx}{sfx}"
+                lin = run_one([f"quant={bits}", "quant.method=linear", f"seed={seed}", *common], lin_dir)
+                q = run_one([f"quant={bits}", "quant.method=qdiff", f"seed={seed}", f"recon.seed={rs}", *common, *args.overrides],
+                            q_dir)
+                fp, spec = fp_samples([f"quant={bits}", f"seed={seed}", *common], q_dir)
+                if scorer is None:
+                    scorer = Scorer(load_model(spec.model).real_images(), "digits", spec.eval)
+                rec = scorer.recovered_share(samples_of(q_dir), samples_of(lin_dir), fp, args.bootstrap)
+                per_seed.append({"seed": seed, "fp": q["fp"]["fid"], "linear": lin["fid"], "qdiff": q["fid"], **rec,
+                                 "qdiff_ci95": q.get("fid_ci95"), "mse_vs_fp": q.get("mse_vs_fp"),
+                                 "kid": q.get("kid"), "precision": q.get("precision"), "recall": q.get("recall")})
+                cost = cost or q  # the run that built the reconstruction (later seeds reuse it)
+            recs = [r["recovered"] for r in per_seed]
+            recon = cost.get("reconstruction", {})
+            rows.append({
+                "bits": q["quant"], "recon_seed": rs, "FP": statistics.mean(r["fp"] for r in per_seed),
+                "linear": statistics.mean(r["linear"] for r in per_seed), "qdiff": statistics.mean(r["qdiff"] for r in per_seed),
+                "recovered": statistics.mean(recs), "lowest_ci95": min(r["recovered_ci95"][0] for r in per_seed),
+                "per_seed": " ".join(f"{r['recovered']:.3f} [{r['recovered_ci95'][0]:.3f}, {r['recovered_ci95'][1]:.3f}]"
+                                     for r in per_seed),
+                "mse_vs_fp": statistics.mean(r["mse_vs_fp"] for r in per_seed),
+                "recon_s": recon.get("seconds_total", 0.0), "total_s": cost["cost"]["total_seconds"], "seeds": per_seed,
+            })
+    table = print_table(rows, ["bits", "recon_seed", "FP", "linear", "qdiff", "recovered", "lowest_ci95", "per_seed",
+                               "mse_vs_fp", "recon_s", "total_s"],
+                        f"Q-Diffusion vs linear on digits [{args.tag}], sampling seeds {args.seeds} "
+                        f"{' '.join(common)} (FID; recovered: mean over sampling seeds, per seed with its paired bootstrap 95% interval)")
+    write_json(args.out / f"results_{args.tag}.json", {"rows": rows, "table": table, "overrides": args.overrides,
+                                                       "seeds": args.seeds, "recon_seeds": args.recon_seeds})
 
 
 if __name__ == "__main__":

@@ -82,3 +82,20 @@ def test_kid_precision_recall_and_the_fid_interval_are_sane(digits_real):
         assert lo < m["fid"] < hi and m["kid_std"] >= 0
     assert same["precision"] > 0.5 and same["recall"] > 0.5 and noise["precision"] < 0.1 and noise["recall"] < 0.1
     assert noise["kid"] > 50 * max(same["kid"], same["kid_std"]) and noise["fid_ci95"][0] > same["fid_ci95"][1]
+
+
+def test_recovered_share_is_paired_over_noise_indices_with_an_interval_around_the_point(digits_real):
+    from qdiff.eval.fidelity import Scorer
+
+    scorer = Scorer(digits_real, "digits", EvalConfig(n_samples=256))
+    g = torch.Generator().manual_seed(3)
+    fp = digits_real[torch.randperm(len(digits_real), generator=g)[:256]]
+    noisy = (fp + 0.8 * torch.randn(fp.shape, generator=g)).clamp(-1, 1)     # "linear": far from FP
+    half = (fp + 0.3 * torch.randn(fp.shape, generator=g)).clamp(-1, 1)      # a method between the two
+    same = scorer.recovered_share(fp, noisy, fp, n_boot=20)
+    assert same["recovered"] == 1.0 and same["recovered_ci95"] == [1.0, 1.0]  # identical to FP on every resample
+    r = scorer.recovered_share(half, noisy, fp, n_boot=20)
+    lo, hi = r["recovered_ci95"]
+    assert 0 < lo < r["recovered"] < hi < 1.2
+    with pytest.raises(ValueError, match="paired"):
+        scorer.recovered_share(half[:100], noisy, fp)

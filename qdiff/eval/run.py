@@ -117,7 +117,7 @@ def comparison_figure(model: DiffusionModel, unet: nn.Module, samples: torch.Ten
 
 
 def _fid(scores: dict) -> str:
-    return f", FID {scores['fid']:.1f}" if "fid" in scores else ""
+    return f", FID {scores['fid']:.3g}" if "fid" in scores else ""
 
 
 def _linear_samples(model: DiffusionModel, spec, prompts: list[str] | None, calib, k: int) -> torch.Tensor:
