@@ -194,7 +194,6 @@ class Scorer:
         point, half = self.fid(gen), 1.96 * float(values.std())
         return [round(point - half, 4), round(point + half, 4)]
 
-
     def recovered_share(self, method: torch.Tensor, linear: torch.Tensor, fp: torch.Tensor,
                         n_boot: int = 200) -> dict:
         """Share of linear quantization's FID gap that ``method`` closes, 1 - (FID_m - FID_fp) / (FID_lin - FID_fp),
