@@ -109,7 +109,8 @@ def test_paper_table_rows_fp_reference_delta_and_recovered_share():
         {**ctx, "method": "linear", "weight_bits": 4, "act_bits": 8, "fid": 50.0, "fp_fid": 10.0, "state": "completed"},
         {**ctx, "method": "qdiff", "weight_bits": 4, "act_bits": 8, "fid": 15.0, "fp_fid": 10.0, "state": "completed",
          "recon_seconds": 100.0, "total_seconds": 150.0, "peak_rss_mb": 900.0},
-        {**ctx, "method": "qdiff", "weight_bits": 8, "act_bits": 32, "fid": 11.0, "fp_fid": 10.0, "state": "completed"},
+        {**ctx, "method": "qdiff", "weight_bits": 8, "act_bits": 32, "fid": 11.0, "fp_fid": 10.0, "state": "completed",
+         "fid_lo": 10.5, "fid_hi": 11.5, "kid": 0.0123, "precision": 0.7, "recall": 0.8, "mse_vs_fp": 0.0042},
         {**ctx, "method": "linear", "weight_bits": 8, "act_bits": 32, "state": "failed", "detail": "boom"},
         {**ctx, "method": "qdiff", "weight_bits": 4, "act_bits": 32, "state": "missing"},
     ]
@@ -121,7 +122,8 @@ def test_paper_table_rows_fp_reference_delta_and_recovered_share():
     assert q["fid_delta"] == pytest.approx(5.0) and q["recovered"] == pytest.approx(35 / 40)
     assert pd.isna(t[(t["method"] == "qdiff") & (t["bits"] == "8/32")].iloc[0]["recovered"])  # its linear row failed
     md = to_markdown(display_table(t))
-    assert "| digits | Q-Diffusion | 4/8 | 15.00 | — | +5.00 | 88% | 100 | 150 | 900 | completed |" in md
+    assert "| digits | Q-Diffusion | 4/8 | 15.00 | — | +5.00 | — | — | — | 88% | 100 | 150 | 900 | completed |" in md
+    assert "| digits | Q-Diffusion | 8/32 | 11.00 [10.50, 11.50] | — | +1.00 | 0.0123 | 0.70 / 0.80 | 0.0042 | — |" in md
     assert "| digits | Full precision | 32/32 | 10.00 |" in md and "| missing |" in md
 
 
@@ -212,3 +214,14 @@ def test_report_on_a_single_run_dir_and_on_a_directory_of_runs(local_sweep, tmp_
     both = build_report(runs, figures=False)
     assert both.counts == {"completed": 2, "failed": 1} and (runs / "report.html").is_file()
     assert dict(zip(both.jobs["dir"], both.jobs["state"])) == {"a": "completed", "b": "completed", "c": "failed"}
+
+
+def test_report_rows_carry_the_interval_kid_precision_recall_and_paired_error():
+    from qdiff.report.rows import metric_fields
+
+    m = {"fid": 0.46, "fid_ci95": [0.37, 0.54], "kid": 0.0227, "kid_std": 0.002, "precision": 0.67, "recall": 0.87,
+         "mse_vs_fp": 0.0132, "psnr_vs_fp": 24.8, "fp": {"fid": 0.42}}
+    row = metric_fields(m)
+    assert (row["fid_lo"], row["fid_hi"], row["kid"], row["precision"], row["recall"], row["mse_vs_fp"]) == \
+        (0.37, 0.54, 0.0227, 0.67, 0.87, 0.0132)
+    assert "fid_lo" not in metric_fields({"fid": 1.0})

@@ -20,7 +20,7 @@ td.state span{color:#fff;border-radius:4px;padding:0 6px}
 img{max-width:100%;border:1px solid #d0d7de;margin:6px 0}.note{background:#fff8c5;padding:6px 10px;border-radius:6px}
 .small{font-size:12px;color:#59636e}
 """
-NUMERIC_HEADERS = {"FID↓", "IS↑", "ΔFID vs FP", "Recovered", "Recon (s)", "Total (s)", "Peak RSS (MB)", "fid",
+NUMERIC_HEADERS = {"FID↓ [95 %]", "IS↑", "ΔFID vs FP", "KID↓", "MSE vs FP", "Recovered", "Recon (s)", "Total (s)", "Peak RSS (MB)", "fid",
                    "restarts", "job"}
 
 

@@ -46,7 +46,10 @@ def metric_fields(m: dict) -> dict:
         "total_seconds": cost.get("total_seconds"), "peak_rss_mb": cost.get("peak_rss_mb"),
         "peak_gpu_mb": cost.get("peak_gpu_mb"), "step_mse_mean": an.get("step_mse_mean"),
         "step_mse_last": an.get("step_mse_last"), "calib_N": (m.get("calibration") or {}).get("N"),
+        **{k: m.get(k) for k in ("kid", "kid_std", "precision", "recall", "mse_vs_fp", "psnr_vs_fp")},
     })
+    if isinstance(m.get("fid_ci95"), list) and len(m["fid_ci95"]) == 2:
+        out["fid_lo"], out["fid_hi"] = m["fid_ci95"]
     if m.get("method") == "fp":
         out["fp_fid"], out["fp_is"], out["fp_is_std"] = m.get("fid"), m.get("is"), m.get("is_std")
     return {k: v for k, v in out.items() if v is not None}

@@ -16,7 +16,8 @@ AXES = ["model", "sampler", "steps", "n_samples", "seed", "calib_mode", "calib_c
 AXIS_NAMES = {"model": "Model", "sampler": "Sampler", "steps": "Steps", "n_samples": "Samples", "seed": "Seed",
               "calib_mode": "Calibration", "calib_c": "c", "calib_n": "n", "split": "Split"}
 NUMERIC = ["fid", "is", "is_std", "fp_fid", "fp_is", "fp_is_std", "recon_seconds", "total_seconds", "peak_rss_mb",
-           "peak_gpu_mb", "resumed_steps", "step_mse_mean", "step_mse_last", "weight_bits", "act_bits", "restarts"]
+           "peak_gpu_mb", "resumed_steps", "step_mse_mean", "step_mse_last", "weight_bits", "act_bits", "restarts",
+           "fid_lo", "fid_hi", "kid", "kid_std", "precision", "recall", "mse_vs_fp", "psnr_vs_fp"]
 
 
 def normalise(df: pd.DataFrame) -> pd.DataFrame:
@@ -93,8 +94,8 @@ def paper_table(df: pd.DataFrame) -> pd.DataFrame:
                 METHOD_ORDER.get(r["method"], 9), _f(r["job"], -1))
 
     t = t.iloc[sorted(range(len(t)), key=lambda i: order(t.iloc[i]))]
-    cols = ["model", "method", "bits", "weight_bits", "act_bits", *[c for c in axes if c != "model"], "fid", "is",
-            "is_std", "fp_fid", "fid_delta", "recovered", "recon_seconds", "total_seconds", "peak_rss_mb", "state",
+    cols = ["model", "method", "bits", "weight_bits", "act_bits", *[c for c in axes if c != "model"], "fid", "fid_lo",
+            "fid_hi", "is", "is_std", "kid", "precision", "recall", "mse_vs_fp", "fp_fid", "fid_delta", "recovered", "recon_seconds", "total_seconds", "peak_rss_mb", "state",
             "detail", "sweep", "job", "dir"]
     return t[cols].reset_index(drop=True)
 
@@ -130,9 +131,13 @@ def display_table(t: pd.DataFrame) -> pd.DataFrame:
         "Bits (W/A)": t["bits"],
         **{AXIS_NAMES[c]: t[c].map(lambda v: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
            for c in axes},
-        "FID↓": t["fid"].map(_num),
+        "FID↓ [95 %]": [_num(f) + (f" [{_num(lo)}, {_num(hi)}]" if pd.notna(lo) and pd.notna(hi) else "")
+                        for f, lo, hi in zip(t["fid"], t["fid_lo"], t["fid_hi"])],
         "IS↑": [(_num(a) + (f" ± {b:.2f}" if pd.notna(b) else "")) if pd.notna(a) else "—" for a, b in zip(t["is"], t["is_std"])],
         "ΔFID vs FP": t["fid_delta"].map(lambda v: _num(v, "{:+.2f}")),
+        "KID↓": t["kid"].map(lambda v: _num(v, "{:.4f}")),
+        "Precision / recall": [f"{_num(p)} / {_num(r)}" if pd.notna(p) else "—" for p, r in zip(t["precision"], t["recall"])],
+        "MSE vs FP": t["mse_vs_fp"].map(lambda v: _num(v, "{:.4f}")),
         "Recovered": t["recovered"].map(lambda v: _num(100 * v, "{:.0f}%") if pd.notna(v) else "—"),
         "Recon (s)": t["recon_seconds"].map(lambda v: _num(v, "{:.0f}")),
         "Total (s)": t["total_seconds"].map(lambda v: _num(v, "{:.0f}")),
