@@ -188,11 +188,7 @@ class Scorer:
         """95 % interval FID +- 1.96 standard errors, the error being the spread of FID over ``eval.bootstrap``
         resamples (with replacement) of the generated set: how much this number moves with the draw of samples.
         (Resampled sets hold duplicates, which inflates each resampled FID; their spread is still the error.)"""
-        g = torch.Generator().manual_seed(self.seed)
-        values = torch.tensor([self.fid(gen[torch.randint(0, len(gen), (len(gen),), generator=g)])
-                               for _ in range(self.cfg.bootstrap)])
-        point, half = self.fid(gen), 1.96 * float(values.std())
-        return [round(point - half, 4), round(point + half, 4)]
+        return self._bootstrap(lambda idx: self.fid(gen if idx is None else gen[idx]), len(gen), self.cfg.bootstrap)[1]
 
     def recovered_share(self, method: torch.Tensor, linear: torch.Tensor, fp: torch.Tensor,
                         n_boot: int = 200) -> dict:
@@ -208,15 +204,19 @@ class Scorer:
             raise ValueError(f"recovered_share needs paired sets of equal size, got {len(m)}, {len(lin)}, {len(f)}")
 
         def share(idx: torch.Tensor | None) -> float:
-            pick = (lambda x: x) if idx is None else (lambda x: x[idx])
-            fm, fl, ff = self.fid(pick(m)), self.fid(pick(lin)), self.fid(pick(f))
+            fm, fl, ff = (self.fid(x if idx is None else x[idx]) for x in (m, lin, f))
             return 1 - (fm - ff) / (fl - ff)
 
+        point, interval = self._bootstrap(share, len(m), n_boot)
+        return {"recovered": round(point, 4), "recovered_ci95": interval, "bootstrap": n_boot}
+
+    def _bootstrap(self, stat, n: int, n_boot: int) -> tuple[float, list[float]]:
+        """``stat(None)`` on the sets as drawn and its interval: +- 1.96 sd of ``stat(idx)`` over ``n_boot``
+        resamples ``idx`` of the ``n`` rows (with replacement, seeded)."""
         g = torch.Generator().manual_seed(self.seed)
-        values = torch.tensor([share(torch.randint(0, len(m), (len(m),), generator=g)) for _ in range(n_boot)])
-        point, half = share(None), 1.96 * float(values.std())
-        return {"recovered": round(point, 4), "recovered_ci95": [round(point - half, 4), round(point + half, 4)],
-                "bootstrap": n_boot}
+        values = torch.tensor([stat(torch.randint(0, n, (n,), generator=g)) for _ in range(n_boot)])
+        point, half = stat(None), 1.96 * float(values.std())
+        return point, [round(point - half, 4), round(point + half, 4)]
 
 
 def compute_metrics(
