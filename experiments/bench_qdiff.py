@@ -20,14 +20,18 @@ from pathlib import Path
 from common import ROOT, compose, print_table, run_one, write_json
 
 
-def fp_samples(overrides: list[str], out_dir: Path):
-    """The run's FP reference samples (the cached set every quantized run of that seed is compared with)."""
+def fp_samples(overrides: list[str], out_dir: Path, models: dict):
+    """The run's FP reference samples (the cached set every quantized run of that seed is compared with) and its
+    spec; ``models`` caches the loaded FP model by its config, so it is loaded once."""
     from qdiff.eval.run import fp_reference
     from qdiff.models import load_model
     from qdiff.spec import build_spec
 
     spec = build_spec(compose(overrides, out_dir))
-    return fp_reference(load_model(spec.model), spec, None)[0], spec
+    key = repr(spec.model)
+    if key not in models:
+        models[key] = load_model(spec.model)
+    return fp_reference(models[key], spec, None)[0], spec, models[key]
 
 
 def samples_of(run_dir: Path):
@@ -48,9 +52,8 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for the qdiff runs (e.g. recon.weight_iters=2000)")
     args = p.parse_args()
     from qdiff.eval.fidelity import Scorer
-    from qdiff.models import load_model
 
-    rows, scorer, common = [], None, args.common.split()
+    rows, scorer, common, models = [], None, args.common.split(), {}
     for bits in args.bits:
         for rs in args.recon_seeds:
             per_seed, cost = [], None
@@ -62,9 +65,9 @@ def main() -> None:
                 lin = run_one([f"quant={bits}", "quant.method=linear", f"seed={seed}", *common], lin_dir)
                 q = run_one([f"quant={bits}", "quant.method=qdiff", f"seed={seed}", f"recon.seed={rs}", *common, *args.overrides],
                             q_dir)
-                fp, spec = fp_samples([f"quant={bits}", f"seed={seed}", *common], q_dir)
+                fp, spec, model = fp_samples([f"quant={bits}", f"seed={seed}", *common], q_dir, models)
                 if scorer is None:
-                    scorer = Scorer(load_model(spec.model).real_images(), "digits", spec.eval)
+                    scorer = Scorer(model.real_images(), "digits", spec.eval)
                 rec = scorer.recovered_share(samples_of(q_dir), samples_of(lin_dir), fp, args.bootstrap)
                 per_seed.append({"seed": seed, "fp": q["fp"]["fid"], "linear": lin["fid"], "qdiff": q["fid"], **rec,
                                  "qdiff_ci95": q.get("fid_ci95"), "mse_vs_fp": q.get("mse_vs_fp"),
