@@ -57,8 +57,10 @@ def latency_ms(variants: dict[str, nn.Module], x: torch.Tensor, t: torch.Tensor,
     names = list(variants)
     for r in range(repeats):
         for k in names[r % len(names):] + names[:r % len(names)]:
+            _sync(x.device)
             t0 = time.perf_counter()
             eps(variants[k], x, t, cond)
+            _sync(x.device)  # a GPU call returns before its kernels finish
             times[k].append(1e3 * (time.perf_counter() - t0))
     return {k: round(statistics.median(v), 3) for k, v in times.items()}
 
@@ -98,6 +100,11 @@ def sample_interleaved(model, variants: dict[str, nn.Module], full: tuple[str, .
               "speedup_vs_fp_compiled": round(per_batch["fp_compiled"] / per_batch["deployed"], 3) if "fp_compiled" in per_batch else None,
               "speedup_vs_fp_eager": round(per_batch["fp_eager"] / per_batch["deployed"], 3)}
     return {k: torch.cat(v) for k, v in out.items()}, report
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _one_step(sampler):
