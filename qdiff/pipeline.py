@@ -88,8 +88,8 @@ def recon_dir(spec: RunSpec, calib, model):
         return None
     from qdiff.cache import content_key
 
-    recon = {k: v for k, v in asdict(spec.recon).items() if k not in ("resume", "lightning_progress")}
-    ident = {"weights": model.meta["fingerprint"], "calib": calib.meta["key"], "quant": asdict(spec.quant), "recon": recon,
+    ident = {"weights": model.meta["fingerprint"], "calib": calib.meta["key"], "quant": asdict(spec.quant),
+             "recon": spec.recon.result_settings(),
              "device": spec.device.type}
     return spec.cache_dir / "recon" / content_key(ident)
 

@@ -251,3 +251,25 @@ def test_work_folder_made_with_other_settings_is_refused_never_mixed(tmp_path):
     (tmp_path / "stray" / "notes.txt").write_text("not a reconstruction")
     with pytest.raises(ConfigError, match="no record of the settings"):
         qdiff.quantize(net, qcfg, calib, rcfg, work_dir=tmp_path / "stray", progress=False)
+
+
+def test_adaround_stops_once_every_rounding_variable_is_decided_with_the_same_result():
+    """recon.stop_when_hard ends a unit's loop early only when no later step could change its rounding."""
+    from dataclasses import replace
+
+    net, _, calib, _, _ = setup()
+    qcfg = QuantConfig(method="qdiff", weight_bits=4, act_bits=32)
+    rcfg = ReconConfig(weight_iters=400, act_iters=0, weight_lr=5e-2, batch_size=8, block_patterns=["down", "dec", "mid"])
+    runs = {}
+    for stop in (True, False):
+        q, _ = prepare(net, qcfg, calib.get([0, 1]))
+        report = reconstruct(net, q, calib, qcfg, replace(rcfg, stop_when_hard=stop), progress=False)
+        runs[stop] = (q, [s for s in report["steps"] if s["step"].startswith("weights:")])
+    (q_stop, stopped), (q_full, full) = runs[True], runs[False]
+    assert all(s["iterations"] == 400 for s in full)
+    assert any(s["iterations"] < 400 for s in stopped), [s["iterations"] for s in stopped]
+    assert all(s["iterations"] % 25 == 0 and s["hard_fraction"] == 1.0 for s in stopped if s["iterations"] < 400)
+    for (name, a), (_, b) in zip(quant_layers(q_stop), quant_layers(q_full)):
+        assert torch.equal(a.weight, b.weight), name     # the same rounding, bit for bit
+    # the setting never changes a result, so it is not part of what a work folder or cache key records
+    assert "stop_when_hard" not in rcfg.result_settings() and "weight_iters" in rcfg.result_settings()

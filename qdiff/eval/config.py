@@ -48,7 +48,7 @@ class EvalConfig:
     #: Per-step FP-vs-quantized output MSE (paper Fig. 2) and activation ranges (Figs. 3, 6) for quantized runs.
     analysis: bool = True
     #: Images followed by the per-step MSE analysis.
-    analysis_batch: int = 64
+    analysis_batch: int = 32
     #: Text-guided models: fixed prompts drawn side by side as ``prompts_grid.png`` (one row per prompt: FP
     #: images, then quantized ones from the same noise). Default: the paper's Figure 9/10 prompts; [] = no grid.
     prompts_grid: list = field(default_factory=lambda: list(PAPER_PROMPTS))

@@ -74,6 +74,14 @@ class AdaRoundQuantizer(nn.Module):
     def round_loss(self, b: float) -> torch.Tensor:
         return (1 - (2 * self._current_h() - 1).abs().pow(b)).sum()
 
+    @torch.no_grad()
+    def all_hard(self) -> bool:
+        """Whether every rounding variable is at exactly 0 or 1. Then the rectifier's clamp passes no gradient
+        (reconstruction and rounding loss alike) and Adam's momentum only pushes V further out, so no later
+        step can change the rounding: stopping here gives the same result as running to the end."""
+        h = self.h()
+        return bool(((h == 0) | (h == 1)).all())
+
     def hard_fraction(self) -> float:
         """Share of rounding variables already at exactly 0 or 1."""
         h = self.h().detach()

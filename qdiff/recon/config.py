@@ -1,22 +1,26 @@
 """Typed reconstruction settings (the ``recon/`` config group). Defaults are the paper's (Appendix A)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from qdiff.errors import ConfigError, config_from_dict
 
 #: Named budgets; each equals a file of the ``recon/`` config group (tests/test_api.py composes and compares).
-#: paper: Appendix A, 20k AdaRound + 5k LSQ iterations (``recon=default``). cpu: 13x fewer iterations with
+#: paper: Appendix A, 20k AdaRound + 5k LSQ iterations (``recon=default``). cpu: 20x fewer iterations with
 #: learning rates scaled so that AdaRound still ends fully hard (``recon=cpu``, the digits runs; the measured
 #: basis is in conf/recon/cpu.yaml): with the paper's 1e-3 at 1000 iterations only ~55 % of the rounding
 #: variables end decided.
 PRESETS: dict[str, dict] = {
     "paper": {},
-    "cpu": {"weight_iters": 1500, "act_iters": 300, "weight_lr": 5e-2, "act_lr": 5e-4, "capture_batch_size": 256,
-            "output_bias_match": True},
+    "cpu": {"weight_iters": 1000, "act_iters": 200, "weight_lr": 5e-2, "act_lr": 5e-4, "capture_batch_size": 256,
+            "output_bias_match": True, "probe_samples": 32},
 }
 #: The ``recon/`` config file of each preset.
 PRESET_FILES = {"paper": "default", "cpu": "cpu"}
+
+
+#: Settings that never change a reconstruction's result (left out of cache keys and work-folder identities).
+RESULT_NEUTRAL = ("resume", "lightning_progress", "stop_when_hard")
 
 
 @dataclass
@@ -61,8 +65,16 @@ class ReconConfig:
     output_bias_match: bool = False
     #: Calibration trajectories replayed to the end (same noise, sampler and T) that score the bias match.
     probe_samples: int = 64
+    #: End a unit's AdaRound loop once every rounding variable is at exactly 0 or 1 (checked every 25 steps).
+    #: Exact, not a heuristic: from then on no gradient reaches the rounding variables and Adam's momentum only
+    #: moves them further out, so the rounding equals a run to ``weight_iters``. False: always run all steps.
+    stop_when_hard: bool = True
     #: Lightning's own progress bar for every unit loop (off: one reconstruction bar shows unit, step and loss).
     lightning_progress: bool = False
+
+    def result_settings(self) -> dict:
+        """The settings that determine the result (what a cache key or a work folder records)."""
+        return {k: v for k, v in asdict(self).items() if k not in RESULT_NEUTRAL}
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ReconConfig":

@@ -116,7 +116,7 @@ def recon_ident(ctx: Context, units: list[Unit], specs: list | None) -> dict:
     """Everything that determines a reconstruction's result (a work folder records it)."""
     from qdiff.models.base import fingerprint
 
-    recon = {k: v for k, v in asdict(ctx.cfg).items() if k not in ("resume", "lightning_progress")}
+    recon = ctx.cfg.result_settings()
     return {"weights": fingerprint(ctx.fp_model), "calib": calibration_fingerprint(ctx.calib), "quant": asdict(ctx.qcfg),
             "recon": recon, "units": [asdict(u) for u in units], "layers": [asdict(s) for s in specs or []],
             "device": ctx.device.type}

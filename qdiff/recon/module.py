@@ -54,6 +54,8 @@ class ReconModule(pl.LightningModule):
         self.adaround = adaround or []
         self.automatic_optimization = False
         self.last: dict[str, float] = {}
+        #: Optimisation steps actually run (fewer than ``steps`` when the rounding was decided early).
+        self.steps_run = 0
 
     def train(self, mode: bool = True):
         # Lightning switches modules to train mode; the block itself must keep its inference behaviour
@@ -113,6 +115,10 @@ class ReconModule(pl.LightningModule):
         opt.step()
         if self.phase == "acts":
             self.lr_schedulers().step()
+        self.steps_run = step + 1
+        if (self.phase == "weights" and self.cfg.stop_when_hard and (step + 1) % LOG_EVERY == 0
+                and all(q.all_hard() for q in self.adaround)):
+            self.trainer.should_stop = True  # exact: no later step can change a fully decided rounding
         if (step + 1) % LOG_EVERY == 0 or step + 1 >= self.steps:
             # Reading a loss value synchronises the device and logging costs ~1 ms on CPU: only every LOG_EVERY steps.
             self.last = {"rec_loss": float(rec.detach()), "round_loss": float(round_loss.detach())}

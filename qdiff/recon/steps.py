@@ -45,6 +45,8 @@ class StepReport:
     mse_before: float | None = None
     mse_after: float | None = None
     hard_fraction: float | None = None
+    #: Optimisation steps run (AdaRound may end early once the rounding is decided: recon.stop_when_hard).
+    iterations: int | None = None
     resumed: bool = False
     #: Step-specific results kept with the checkpoint (e.g. the bias match's shift), JSON-serialisable.
     extra: dict = field(default_factory=dict)
@@ -129,6 +131,7 @@ class _UnitStep:
             iters = self.iters(ctx.cfg)
             module = ReconModule(unit_mod, cache, ctx.calib, ctx.sample_idx, self.phase, params, ctx.cfg, iters, self.seed, ada)
             trainer_for(iters, ctx.device, ctx.cfg.precision, ctx.cfg.lightning_progress, ctx.logger, ctx.callbacks).fit(module)
+            rep.iterations = module.steps_run
             unit_mod.to(ctx.device)  # Lightning's teardown moves the module it trained to the CPU
             for p in params:
                 p.requires_grad_(False)
