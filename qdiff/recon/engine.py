@@ -1,6 +1,7 @@
 """The one reconstruction engine: orders the steps of :mod:`qdiff.recon.steps`, checkpoints and resumes them.
 
     for each unit (block or layer), in execution order:   AdaRound the unit's weights   (weights:<unit>)
+        (the loop ends early once every rounding variable is 0 or 1: recon.stop_when_hard, exact)
     set every activation quantizer's range from calibration data                           (act_init)
     for each unit, in execution order:                     LSQ the unit's act step sizes (acts:<unit>)
     optionally: match the output layer's bias on the calibration trajectories          (output_bias:<layer>)
