@@ -75,17 +75,20 @@ class AdaRoundQuantizer(nn.Module):
         return (1 - (2 * self._current_h() - 1).abs().pow(b)).sum()
 
     @torch.no_grad()
+    def _decided(self) -> torch.Tensor:
+        """Mask of the rounding variables already at exactly 0 or 1."""
+        h = self.h()
+        return (h == 0) | (h == 1)
+
     def all_hard(self) -> bool:
         """Whether every rounding variable is at exactly 0 or 1. Then the rectifier's clamp passes no gradient
         (reconstruction and rounding loss alike) and Adam's momentum only pushes V further out, so no later
         step can change the rounding: stopping here gives the same result as running to the end."""
-        h = self.h()
-        return bool(((h == 0) | (h == 1)).all())
+        return bool(self._decided().all())
 
     def hard_fraction(self) -> float:
         """Share of rounding variables already at exactly 0 or 1."""
-        h = self.h().detach()
-        return float(((h == 0) | (h == 1)).float().mean())
+        return float(self._decided().float().mean())
 
     @torch.no_grad()
     def to_uniform(self) -> UniformQuantizer:
