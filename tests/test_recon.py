@@ -273,3 +273,5 @@ def test_adaround_stops_once_every_rounding_variable_is_decided_with_the_same_re
         assert torch.equal(a.weight, b.weight), name     # the same rounding, bit for bit
     # the setting never changes a result, so it is not part of what a work folder or cache key records
     assert "stop_when_hard" not in rcfg.result_settings() and "weight_iters" in rcfg.result_settings()
+    with pytest.raises(qdiff.ConfigError, match="recon.stop_when_hard must be true or false"):
+        replace(rcfg, stop_when_hard="maybe")
