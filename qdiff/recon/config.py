@@ -1,7 +1,7 @@
 """Typed reconstruction settings (the ``recon/`` config group). Defaults are the paper's (Appendix A)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from qdiff.errors import ConfigError, config_from_dict
 
@@ -108,8 +108,8 @@ class ReconConfig:
             raise ConfigError(f"recon.capture_batch_size must be > 0, got {self.capture_batch_size}")
         if self.probe_samples <= 0:
             raise ConfigError(f"recon.probe_samples must be > 0, got {self.probe_samples}")
-        for name in ("output_bias_match", "stop_when_hard", "resume", "lightning_progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"recon.{name} must be true or false, got {getattr(self, name)!r}")
+        for f in fields(self):  # every switch (annotated bool) takes only true/false
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                raise ConfigError(f"recon.{f.name} must be true or false, got {getattr(self, f.name)!r}")
         if self.num_samples is not None and self.num_samples <= 0:
             raise ConfigError(f"recon.num_samples must be > 0 or null, got {self.num_samples}")
