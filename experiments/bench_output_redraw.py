@@ -66,11 +66,12 @@ def main() -> None:
     calib, _ = collect_calibration(model, spec.sampler, spec.calib, spec.cache_dir, spec.device, None, progress=False)
     scorer = Scorer(model.real_images(), "digits", spec.eval)
     fp_weights = dict(model.unet.named_parameters())
+    linear = {s: samples_of(d) for s, d in lin_dirs.items()}
 
     def evaluate(name: str, samples: dict, probe: float | None) -> dict:
         per_seed = []
         for s in args.seeds:
-            rec = scorer.recovered_share(samples[s], samples_of(lin_dirs[s]), refs[s], args.bootstrap)
+            rec = scorer.recovered_share(samples[s], linear[s], refs[s], args.bootstrap)
             per_seed.append({"seed": s, **rec, "mse_vs_fp": float(((samples[s] - refs[s]) ** 2).mean())})
         row = {"draw": name, "recovered": statistics.mean(r["recovered"] for r in per_seed),
                "per_seed": " ".join(f"{r['recovered']:.3f} [{r['recovered_ci95'][0]:.3f}, {r['recovered_ci95'][1]:.3f}]"
@@ -81,9 +82,10 @@ def main() -> None:
 
     rows = [evaluate("as built", {s: samples_of(d) for s, d in run_dirs.items()}, None)]
     x0, t0, c0 = calib.get([0], spec.device)
+    # the layer that runs last, as the engine finds it: the FP network's execution order, the quantized model's layers
+    name = output_layer(qdiff.load_deployed(artifact, device=spec.device), execution_order(model.unet, (x0, t0), c0))
     for d in range(args.draws):
         q = qdiff.load_deployed(artifact, device=spec.device)
-        name = output_layer(q, execution_order(q, (x0, t0), c0))
         layer = q.get_submodule(name)
         with torch.no_grad():  # back to FP weights and the FP bias, step sizes searched again as the pipeline does
             layer.weight.copy_(fp_weights[f"{name}.weight"])
@@ -101,7 +103,7 @@ def main() -> None:
     redrawn = [r["recovered"] for r in rows[1:]]
     summary = {"min": min(redrawn), "mean": statistics.mean(redrawn), "max": max(redrawn)} if redrawn else {}
     table = print_table(rows, ["draw", "recovered", "per_seed", "mse_vs_fp", "probe_mse"],
-                        f"{args.bits} [{args.tag}] reconstruction seed {args.recon_seed}: the output layer ({name if redrawn else '-'}) "
+                        f"{args.bits} [{args.tag}] reconstruction seed {args.recon_seed}: the output layer ({name}) "
                         f"re-learned with {args.draws} other batch orders; sampling seeds {args.seeds}"
                         + (f"; re-drawn min / mean / max {summary['min']:.3f} / {summary['mean']:.3f} / {summary['max']:.3f}"
                            if summary else ""))
