@@ -38,7 +38,7 @@ def main() -> None:
     import torch
 
     import qdiff
-    from bench_qdiff import fp_samples, samples_of
+    from bench_qdiff import fp_samples, run_dirs, samples_of
     from qdiff.calib import collect_calibration
     from qdiff.eval.fidelity import Scorer, to_uint8
     from qdiff.quant.split import execution_order
@@ -48,20 +48,19 @@ def main() -> None:
     from qdiff.sampling import generate
     from qdiff.spec import build_spec
 
-    rsfx = "" if args.recon_seed == 0 else f"_rs{args.recon_seed}"
-    run_dirs = {s: args.out / f"qdiff_{args.bits}_{args.tag}{rsfx}{'' if s == 0 else f'_seed{s}'}" for s in args.seeds}
-    lin_dirs = {s: args.out.parent / "linear" / f"linear_{args.bits}{'' if s == 0 else f'_seed{s}'}" for s in args.seeds}
-    missing = [str(d) for d in [*run_dirs.values(), *lin_dirs.values()] if not (d / "samples.safetensors").exists()]
-    artifact = run_dirs[args.seeds[0]] / "quantized_unet"
+    dirs = {s: run_dirs(args.out, args.bits, args.tag, args.recon_seed, s) for s in args.seeds}
+    q_dirs, lin_dirs = {s: d[0] for s, d in dirs.items()}, {s: d[1] for s, d in dirs.items()}
+    missing = [str(d) for d in [*q_dirs.values(), *lin_dirs.values()] if not (d / "samples.safetensors").exists()]
+    artifact = q_dirs[args.seeds[0]] / "quantized_unet"
     if missing or not artifact.exists():
         raise SystemExit(f"missing {', '.join(missing) or artifact}: run experiments/bench_qdiff.py --bits {args.bits} "
                          f"--tag {args.tag} --recon-seeds {args.recon_seed} --seeds {' '.join(map(str, args.seeds))} first")
     spec = build_spec(compose([f"quant={args.bits}", "quant.method=qdiff", f"recon.seed={args.recon_seed}", *args.overrides],
-                              run_dirs[args.seeds[0]]))
+                              q_dirs[args.seeds[0]]))
     if spec.recon.num_samples is not None:
         raise SystemExit("recon.num_samples is set: this script re-learns on every calibration row (the default)")
     models: dict = {}
-    refs = {s: fp_samples([f"quant={args.bits}", f"seed={s}"], run_dirs[s], models)[0] for s in args.seeds}
+    refs = {s: fp_samples([f"quant={args.bits}", f"seed={s}"], q_dirs[s], models)[0] for s in args.seeds}
     model = next(iter(models.values()))
     calib, _ = collect_calibration(model, spec.sampler, spec.calib, spec.cache_dir, spec.device, None, progress=False)
     scorer = Scorer(model.real_images(), "digits", spec.eval)
@@ -80,7 +79,7 @@ def main() -> None:
         print(f"{name}: recovered {row['recovered']:.3f} ({row['per_seed']}), MSE vs FP {row['mse_vs_fp']:.4f}", flush=True)
         return row
 
-    rows = [evaluate("as built", {s: samples_of(d) for s, d in run_dirs.items()}, None)]
+    rows = [evaluate("as built", {s: samples_of(d) for s, d in q_dirs.items()}, None)]
     x0, t0, c0 = calib.get([0], spec.device)
     # the layer that runs last, as the engine finds it: the FP network's execution order, the quantized model's layers
     name = output_layer(qdiff.load_deployed(artifact, device=spec.device), execution_order(model.unet, (x0, t0), c0))

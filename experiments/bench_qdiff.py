@@ -34,6 +34,13 @@ def fp_samples(overrides: list[str], out_dir: Path, models: dict):
     return fp_reference(models[key], spec, None)[0], spec, models[key]
 
 
+def run_dirs(out: Path, bits: str, tag: str, recon_seed: int, seed: int) -> tuple[Path, Path]:
+    """(qdiff run, linear run) folders of one setting; the linear runs are shared with bench_linear."""
+    sfx = "" if seed == 0 else f"_seed{seed}"
+    rsfx = "" if recon_seed == 0 else f"_rs{recon_seed}"
+    return out / f"qdiff_{bits}_{tag}{rsfx}{sfx}", out.parent / "linear" / f"linear_{bits}{sfx}"
+
+
 def samples_of(run_dir: Path):
     from qdiff.io import load_state_dict_file
 
@@ -58,10 +65,7 @@ def main() -> None:
         for rs in args.recon_seeds:
             per_seed, cost = [], None
             for seed in args.seeds:
-                sfx = "" if seed == 0 else f"_seed{seed}"
-                rsfx = "" if rs == 0 else f"_rs{rs}"
-                lin_dir = args.out.parent / "linear" / f"linear_{bits}{sfx}"  # shared with bench_linear
-                q_dir = args.out / f"qdiff_{bits}_{args.tag}{rsfx}{sfx}"
+                q_dir, lin_dir = run_dirs(args.out, bits, args.tag, rs, seed)
                 lin = run_one([f"quant={bits}", "quant.method=linear", f"seed={seed}", *common], lin_dir)
                 q = run_one([f"quant={bits}", "quant.method=qdiff", f"seed={seed}", f"recon.seed={rs}", *common, *args.overrides],
                             q_dir)
