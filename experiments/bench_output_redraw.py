@@ -42,6 +42,7 @@ def main() -> None:
     from qdiff.calib import collect_calibration
     from qdiff.eval.fidelity import Scorer, to_uint8
     from qdiff.quant.split import execution_order
+    from qdiff.quant.wrap import init_weight_quantizers
     from qdiff.recon.output import output_layer
     from qdiff.recon.steps import Context, OutputBiasMatch, WeightRounding
     from qdiff.recon.units import Unit
@@ -64,7 +65,6 @@ def main() -> None:
     model = next(iter(models.values()))
     calib, _ = collect_calibration(model, spec.sampler, spec.calib, spec.cache_dir, spec.device, None, progress=False)
     scorer = Scorer(model.real_images(), "digits", spec.eval)
-    fp_weights = dict(model.unet.named_parameters())
     linear = {s: samples_of(d) for s, d in lin_dirs.items()}
 
     def evaluate(name: str, samples: dict, probe: float | None) -> dict:
@@ -83,16 +83,15 @@ def main() -> None:
     x0, t0, c0 = calib.get([0], spec.device)
     # the layer that runs last, as the engine finds it: the FP network's execution order, the quantized model's layers
     name = output_layer(qdiff.load_deployed(artifact, device=spec.device), execution_order(model.unet, (x0, t0), c0))
+    fp_layer = model.unet.get_submodule(name)
     for d in range(args.draws):
         q = qdiff.load_deployed(artifact, device=spec.device)
         layer = q.get_submodule(name)
         with torch.no_grad():  # back to FP weights and the FP bias, step sizes searched again as the pipeline does
-            layer.weight.copy_(fp_weights[f"{name}.weight"])
+            layer.weight.copy_(fp_layer.weight)
             if layer.bias is not None:
-                layer.bias.copy_(fp_weights[f"{name}.bias"])
-            for wq, w in zip(layer.wq, layer.weight_parts()):
-                wq.init_from(w, spec.quant.resolved_scale_method, spec.quant.lp)
-        layer.invalidate_cache()
+                layer.bias.copy_(fp_layer.bias)
+        init_weight_quantizers(layer, spec.quant.resolved_scale_method, spec.quant.lp)
         ctx = Context(model.unet, q, calib, spec.quant, spec.recon, torch.device(spec.device), np.arange(len(calib)))
         WeightRounding(Unit(name, "layer", layer.org_type, 1), DRAW_SEED0 + d).run(ctx)
         probe = OutputBiasMatch(name).run(ctx).extra["probe_mse_final"] if spec.recon.output_bias_match else None
