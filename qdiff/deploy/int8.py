@@ -51,18 +51,44 @@ class DeployedUNetOutput(BaseOutput):
     sample: torch.Tensor
 
 
+#: Without VNNI (AVX2, AVX-512 without VNNI) oneDNN's x86 int8 kernels add uint8 x int8 products in pairs into a
+#: saturating int16 (vpmaddubsw): exact only while 255 * (|w1| + |w2|) <= 32767, i.e. |w| <= 64. Measured on an AMD
+#: EPYC (Zen 3, AVX2): 8-bit weights gave 14-16 % relative error against the simulated model, 7-bit and 4-bit 0.3-0.5 %.
+PAIR_SAFE = 64
+
+
+def saturating_pairs() -> bool:
+    """Whether this CPU's int8 kernels sum products pairwise in saturating int16 (no AVX-512 VNNI, no AMX)."""
+    cpu = getattr(torch, "cpu", None)
+    try:
+        return not (cpu._is_vnni_supported() or cpu._is_amx_tile_supported())
+    except AttributeError:  # an older torch without the probes: assume the worst, the split below is exact anyway
+        return True
+
+
 def _int8_weight(layer: QuantLayer, i: int, codes: torch.Tensor, out_axis: int) -> dict[str, torch.Tensor]:
-    """Part ``i``'s weight as int8 + per-channel scales (+ the zero-point channel of asymmetric 8-bit weights)."""
+    """Part ``i``'s weight as int8 + per-channel scales (+ the zero-point channel of asymmetric 8-bit weights).
+
+    Where the CPU's kernels saturate (:func:`saturating_pairs`) a weight wider than +-64 becomes two int8 kernels,
+    ``k = 16 * hi + lo`` with hi in [-8, 7] and lo in [0, 15]: exact, at twice the kernels for that layer.
+    """
     wq = layer.wq[i]
     z = wq.zero_point.to(torch.int16).reshape(-1, *([1] * (codes.dim() - 1)))
     k = codes.to(torch.int16) - z
     scale = wq.scale.detach().reshape(-1).float().clone()
     if int(k.min()) >= -128 and int(k.max()) <= 127:
-        return {"int_weight": k.to(torch.int8), "scale": scale}
-    if out_axis != 0:
+        out = {"int_weight": k, "scale": scale}
+    elif out_axis != 0:
         raise ConfigError(f"int8 backend: asymmetric 8-bit weights of {layer.org_type} need quant.weight_symmetric=true")
-    return {"int_weight": torch.cat([codes.to(torch.int16) - 128, torch.ones_like(k[:1])]).to(torch.int8),
-            "scale": torch.cat([scale, torch.ones(1)]), "zp_channel": scale * (128 - z.reshape(-1)).float()}
+    else:
+        out = {"int_weight": torch.cat([codes.to(torch.int16) - 128, torch.ones_like(k[:1])]),
+               "scale": torch.cat([scale, torch.ones(1)]), "zp_channel": scale * (128 - z.reshape(-1)).float()}
+    k = out["int_weight"]
+    if saturating_pairs() and int(k.abs().max()) > PAIR_SAFE:
+        lo = torch.remainder(k, 16)
+        out.update(int_weight=torch.div(k - lo, 16, rounding_mode="floor"), int_weight_lo=lo,
+                   scale_lo=out["scale"].clone(), scale=out["scale"] * 16)
+    return {name: v.to(torch.int8) if name.startswith("int_weight") else v for name, v in out.items()}
 
 
 class Int8Layer(nn.Module):
@@ -101,23 +127,35 @@ class Int8Layer(nn.Module):
 
     @property
     def int8_kernels(self) -> int:
-        return sum(hasattr(self, f"int_weight{i}") for i in range(len(self.acts)))
+        return sum(hasattr(self, f"int_weight{i}") + hasattr(self, f"int_weight_lo{i}") for i in range(len(self.acts)))
+
+    def _input(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        qd = torch.ops.quantized_decomposed
+        if self.acts[i] is None:
+            return x
+        s, z, top = self.acts[i]
+        return qd.dequantize_per_tensor(qd.quantize_per_tensor(x, s, z, 0, top, torch.uint8), s, z, 0, top, torch.uint8)
+
+    def _kernel(self, i: int, x: torch.Tensor, bias: torch.Tensor | None, suffix: str = "") -> torch.Tensor:
+        """One int8 pattern: the input's quantize/dequantize, the int8 weight's dequantize, the layer's op."""
+        qd = torch.ops.quantized_decomposed
+        w = qd.dequantize_per_channel(getattr(self, f"int_weight{suffix}{i}"), getattr(self, f"scale{suffix}{i}"),
+                                      getattr(self, f"zeros{i}"), 0, -128, 127, torch.int8)
+        return self.fn(self._input(i, x), w, bias, **self.kw)
 
     def _part(self, i: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        qd = torch.ops.quantized_decomposed
-        if self.acts[i] is not None:
-            s, z, top = self.acts[i]
-            x = qd.dequantize_per_tensor(qd.quantize_per_tensor(x, s, z, 0, top, torch.uint8), s, z, 0, top, torch.uint8)
         if not hasattr(self, f"int_weight{i}"):
-            return self.fn(x, getattr(self, f"fp_weight{i}"), bias, **self.kw)
-        w = qd.dequantize_per_channel(getattr(self, f"int_weight{i}"), getattr(self, f"scale{i}"),
-                                      getattr(self, f"zeros{i}"), 0, -128, 127, torch.int8)
+            return self.fn(self._input(i, x), getattr(self, f"fp_weight{i}"), bias, **self.kw)
         corr = getattr(self, f"zp_channel{i}", None)
+        if corr is not None and bias is not None:
+            bias = torch.cat([bias, bias.new_zeros(1)])
+        y = self._kernel(i, x, bias)
+        if hasattr(self, f"int_weight_lo{i}"):  # a weight split for a saturating CPU: 16 * hi + lo
+            y = y + self._kernel(i, x, None, "_lo")
         if corr is None:
-            return self.fn(x, w, bias, **self.kw)
+            return y
         # asymmetric 8-bit weights: the last output channel is the input's window sum, times (128 - z) * s
         n = corr.numel()
-        y = self.fn(x, w, None if bias is None else torch.cat([bias, bias.new_zeros(1)]), **self.kw)
         return y[:, :n] + corr.view(1, n, *([1] * (y.dim() - 2))) * y[:, n:]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
