@@ -30,6 +30,7 @@ _NAMES = {
     "SamplerConfig": "qdiff.sampling.config",
     "ConfigError": "qdiff.errors",
     "CheckpointError": "qdiff.errors",
+    "DataError": "qdiff.errors",
 }
 #: Subpackages and modules reachable as ``qdiff.<name>`` after a bare ``import qdiff``.
 _SUBMODULES = ("api", "cache", "calib", "deploy", "errors", "eval", "io", "launch", "models", "pipelines", "quant",

@@ -10,10 +10,13 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from qdiff.errors import ConfigError
+from qdiff.calib.checks import check_calibration
+from qdiff.errors import ConfigError, DataError
+from qdiff.finite import first_bad_row, kind
 from qdiff.quant.config import QuantConfig
 from qdiff.quant.layers import LAYER_REGISTRY
 from qdiff.quant.split import execution_order, find_concat_splits
@@ -33,9 +36,18 @@ def as_calibration(calib):
     raise TypeError("calib must be a CalibrationSet, a TensorCalibration or a tuple (x, t[, cond])")
 
 
+def check_weights(model: nn.Module) -> None:
+    """Refuse a model whose own parameters or buffers hold NaN/Inf: every quantized weight would inherit it."""
+    for name, v in [*model.named_parameters(), *model.named_buffers()]:
+        if first_bad_row(v) is not None:
+            raise DataError(f"quantize: the model's {name} holds {kind(v)}; the FP model itself is broken (check the "
+                            "checkpoint it was loaded from)")
+
+
 @torch.no_grad()
 def prepare(model: nn.Module, cfg: QuantConfig, example: tuple[torch.Tensor, torch.Tensor, dict]) -> tuple[nn.Module, list[LayerSpec]]:
     """Detect shortcut splits and layer order on one example batch, wrap the layers, init weight ranges."""
+    check_weights(model)
     x, t, cond = example
     splits = shortcut_splits(model, cfg, (x, t), cond)
     order = execution_order(model, (x, t), cond, types=tuple(LAYER_REGISTRY))
@@ -87,6 +99,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib=None, recon=None, devi
     if calib is None:
         raise ConfigError("quantize needs calib (a set from qdiff.calibration_data, or a tuple (x_t, t[, cond])) to find "
                           "shortcut splits and activation ranges")
+    check_calibration(calib)  # one line naming the first non-finite row, before any work
     recon = recon or ReconConfig()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     t0 = time.perf_counter()
@@ -106,6 +119,34 @@ def quantize(model: nn.Module, config: QuantConfig, calib=None, recon=None, devi
             init_act_quantizers(q, calib, config.resolved_scale_method, config.lp, num_samples=act_init_samples,
                                 seed=recon.seed, device=device, progress=progress)
         seconds = {"quantize": round(time.perf_counter() - t0, 2)}
+    report["sanity"] = sanity_check(model, q, calib, device, work_dir)
     q.quant_config, q.quant_specs = config, specs
     q.qdiff_report = {**report, "seconds": seconds}
     return q
+
+
+#: Calibration inputs (spread over the set, so over its timesteps) on which the quantized model is checked.
+SANITY_ROWS = 8
+
+
+@torch.no_grad()
+def sanity_check(fp_model: nn.Module, q: nn.Module, calib, device: torch.device, work_dir=None) -> dict:
+    """The quantized model against FP on a few calibration inputs: refuses (one line) a model whose output is
+    non-finite, warns when its error exceeds the output itself; returns the relative L2 error."""
+    from qdiff.calib.checks import describe_row
+    from qdiff.models.base import eps
+
+    rows = np.unique(np.linspace(0, len(calib) - 1, min(SANITY_ROWS, len(calib))).round().astype(np.int64))
+    x, t, cond = calib.get(rows, device)
+    ref, out = eps(fp_model, x, t, cond).float(), eps(q, x, t, cond).float()
+    for name, value in (("FP model's", ref), ("quantized model's", out)):
+        bad = first_bad_row(value)
+        if bad is not None:
+            kept = f"; the reconstruction checkpoints stay in {work_dir}" if work_dir is not None else ""
+            raise DataError(f"quantize: the {name} output is {kind(value[bad])} on calibration "
+                            f"{describe_row(calib, int(rows[bad]))}, so the quantized model is not returned{kept}")
+    rel = float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+    if rel > 1.0:
+        log.warning("quantize: the quantized model's output differs from FP by %.3g (relative L2) on %d calibration "
+                    "inputs, more than the output itself: check the bit widths and the reconstruction report", rel, len(rows))
+    return {"rows": len(rows), "rel_l2_vs_fp": round(rel, 6)}

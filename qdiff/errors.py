@@ -14,6 +14,14 @@ class CheckpointError(QDiffError, RuntimeError):
     """A checkpoint file is missing, unreadable, corrupt or does not fit the model."""
 
 
+class DataError(QDiffError, ValueError):
+    """Numbers broke: calibration data, a model's output, a loss or a quantized model holds non-finite values.
+
+    Raised where they first appear (naming the row, trajectory, timestep, unit or step) and before the broken
+    values reach anything that is kept: no cache entry, checkpoint or artifact is written from them.
+    """
+
+
 def config_from_dict(cls: type, data: dict | None, group: str):
     """Build dataclass ``cls`` from a config mapping; unknown keys give one clear error."""
     import dataclasses

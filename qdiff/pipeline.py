@@ -54,7 +54,8 @@ def run(cfg, tracker: NullTracker | None = None) -> tuple[dict, dict]:
             unet = qdiff.quantize(model.unet, spec.quant, calib, spec.recon, device=spec.device,
                                   work_dir=recon_dir(spec, calib, model), logger=tracker.lightning_logger())
         st.split("quantize", unet.qdiff_report["seconds"])
-        extra["artifact"] = export(unet, spec.output_dir / "quantized_unet", extra=artifact_facts(model))
+        # the run owns its folder (a finished run is refused above): a requeued job replaces its own earlier export
+        extra["artifact"] = export(unet, spec.output_dir / "quantized_unet", extra=artifact_facts(model), overwrite=True)
         extra.update(quant_summary(unet))
 
     deployed = deployed_samples = None
@@ -110,7 +111,8 @@ def quant_summary(qunet) -> dict:
         "split_layers": {s.name: s.split for s in specs if s.split},
         "weight_bits_hist": dict(Counter(str(s.weight_bits) for s in specs)),
         "act_bits_hist": dict(Counter(str(s.act_bits) for s in specs))}}
-    report = {k: v for k, v in qunet.qdiff_report.items() if k != "seconds"}
+    out["sanity_check"] = qunet.qdiff_report.get("sanity")  # the quantized model vs FP on calibration inputs
+    report = {k: v for k, v in qunet.qdiff_report.items() if k not in ("seconds", "sanity")}
     if report:
         out["reconstruction"] = report
     return out

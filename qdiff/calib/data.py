@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -24,11 +25,15 @@ import torch
 from tqdm.auto import tqdm
 
 from qdiff.cache import Entry
+from qdiff.calib.checks import conditioning_broken, diverges, sampler_diverged
 from qdiff.calib.config import CalibConfig
+from qdiff.finite import ABSURD_X, max_abs
 from qdiff.io import NpyRowWriter, read_rows, write_json
 from qdiff.models.base import DiffusionModel, fingerprint
 from qdiff.sampling.config import SamplerConfig
 from qdiff.sampling.samplers import Trajectory, batch_generator, initial_noise, prompt_conditioning
+
+log = logging.getLogger("qdiff")
 
 #: Bumped when what a stored set holds changes, so that older cache entries are not misread.
 FORMAT = 2
@@ -236,7 +241,11 @@ def cached_collection(entry: Entry, model: DiffusionModel, sampler: SamplerConfi
             return CalibrationSet(entry.path), True
         if entry.path.exists():
             shutil.rmtree(entry.path)  # an interrupted collection, or caching off: start over
-        _collect(model, sampler, calib, entry, device, conditioning, progress)
+        try:
+            _collect(model, sampler, calib, entry, device, conditioning, progress)
+        except BaseException:
+            shutil.rmtree(entry.path, ignore_errors=True)  # never leave a partial set (diverged, killed, disk full)
+            raise
     return CalibrationSet(entry.path), False
 
 
@@ -260,13 +269,17 @@ def _collect(model: DiffusionModel, sampler: SamplerConfig, calib: CalibConfig, 
     step_arr = np.zeros(N, dtype=np.int64)
     cond_out = _CondWriter(root, N, conditioning.shared_uncond)
     noise = initial_noise(model.sample_shape, n_traj, calib.seed)
+    peak = (0.0, 0)  # the largest |x_t| seen and its step: a diverging sampler grows it before it overflows
     bar = tqdm(total=n_traj, desc=f"calibration data ({calib.mode}, T={T}, c={c}, n={n})", unit="traj", disable=not progress)
     for start in range(0, n_traj, calib.batch_size):
         end = min(n_traj, start + calib.batch_size)
         cond, uncond = conditioning.batch(start, end, device)
+        conditioning_broken(cond, uncond, start)
         traj = Trajectory(model.scheduler_config, conditioning.guidance, model.unet, csampler, noise[start:end].to(device),
                           cond, uncond, batch_generator(calib.seed, start))
         for step in traj:
+            sampler_diverged(step, start, T, peak, model.scheduler_config)
+            peak = max(peak, (max_abs(step.x_in), step.index))
             if step.index not in kept_pos:
                 continue
             rows = slice(kept_pos[step.index] * n_traj + start, kept_pos[step.index] * n_traj + end)
@@ -280,6 +293,10 @@ def _collect(model: DiffusionModel, sampler: SamplerConfig, calib: CalibConfig, 
     bar.close()
     x_out.close()
     cond_out.close()
+    if peak[0] > ABSURD_X:
+        log.warning("calibration data: |x_t| reached %.3g at step %d of %d, far beyond what a diffusion sampler makes "
+                    "from unit-variance noise and data (a few units); probably %s", peak[0], peak[1] + 1, T,
+                    diverges(model.scheduler_config))
     np.save(root / "t.npy", t_arr)
     np.save(root / "step.npy", step_arr)
     write_json(root / "meta.json", {

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qdiff.errors import DataError
+from qdiff.finite import first_bad_row, kind
 from qdiff.models.base import eps
 from qdiff.quant.wrap import act_quantizers, activations_fp
 
@@ -63,7 +65,15 @@ def init_act_quantizers(model: nn.Module, calib, method: str, p: float = 2.4,
         s = stats[name]
         if s.min is None:  # never executed (e.g. an unused branch): left uninitialised, i.e. off, rather than guessed
             continue
+        if not (torch.isfinite(s.min) and torch.isfinite(s.max)):
+            what = kind(torch.stack([s.min, s.max]))
+            raise DataError(f"activation ranges: the input of {name.rsplit('.', 2)[0]} ({name}) reaches {what} on the "
+                            "calibration data (weights quantized, activations FP): the model breaks there, so no range "
+                            "can be set")
         sample = torch.cat(s.samples).to(q.scale.device)
         q.init_from(sample, method, p, x_min=s.min.to(sample.device), x_max=s.max.to(sample.device))
+        if first_bad_row(q.scale.detach().reshape(-1)) is not None or not bool((q.scale > 0).all()):
+            raise DataError(f"activation ranges: the step size of {name} came out {q.scale.detach().reshape(-1)[:1].tolist()} "
+                            f"from the range [{float(s.min):.4g}, {float(s.max):.4g}]")
         ranges[name] = (float(s.min), float(s.max))
     return ranges

@@ -18,12 +18,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qdiff.errors import DataError
+from qdiff.finite import first_bad_row, kind
 from qdiff.io import NpyRowWriter, read_rows
 from qdiff.models.base import eps
 
 
 class _Stop(Exception):
     pass
+
+
+class _NonFinite(Exception):
+    """A captured tensor holds NaN/Inf: (slot, row of the unit cache, what)."""
 
 
 class UnitCache:
@@ -48,6 +54,9 @@ class UnitCache:
 
     def write(self, slot: str, rows: slice, value: torch.Tensor) -> None:
         v = value.detach()
+        bad = first_bad_row(v)
+        if bad is not None:  # before it reaches the cache: a unit never trains on broken numbers
+            raise _NonFinite(slot, rows.start + bad, kind(v[bad]))
         if self.storage == "disk":
             if slot not in self.writers:
                 self.writers[slot] = NpyRowWriter(self.root / f"{slot}.npy", (self.n, *v.shape[1:]))
@@ -115,24 +124,47 @@ def capture_unit(unit_name: str, fp_model: nn.Module, q_model: nn.Module, calib,
     h_in = src_mod.register_forward_pre_hook(record_inputs, with_kwargs=True)
     h_out = fp_mod.register_forward_hook(record_output, with_kwargs=True)
     try:
-        bar = tqdm(total=len(sample_idx), desc=f"capture {unit_name}", disable=not progress, leave=False)
-        for start in range(0, len(sample_idx), batch_size):
-            idx = sample_idx[start:start + batch_size]
-            x, t, cond = calib.get(idx, device)
-            state.update(b=x.shape[0], rows=slice(start, start + len(idx)), cond=cond)
-            for model in ((src_model, fp_model) if src_model is not fp_model else (fp_model,)):
-                try:
-                    eps(model, x, t, cond)
-                except _Stop:
-                    pass
-            bar.update(len(idx))
-        bar.close()
+        _capture_rows(cache, state, fp_model, src_model, calib, sample_idx, batch_size, device, unit_name, progress)
+    except _NonFinite as e:
+        cache.close()
+        slot, row, what = e.args
+        raise DataError(non_finite_message(unit_name, slot, what, calib, int(sample_idx[row]), input_source)) from None
     finally:
         h_in.remove()
         h_out.remove()
     if "target" not in cache.slots:
         raise RuntimeError(f"unit {unit_name} never ran on the calibration inputs")
     return cache
+
+
+def non_finite_message(unit: str, slot: str, what: str, calib, row: int, input_source: str) -> str:
+    from qdiff.calib.checks import describe_row
+
+    at = f"calibration {describe_row(calib, row)}"
+    if slot == "target":
+        return (f"reconstruction: the FP model's output of unit '{unit}' is {what} on {at} although the calibration "
+                "data is finite: the FP model itself breaks on this input (check its weights and this timestep)")
+    source = "quantized model (earlier units already quantized)" if input_source == "quantized" else "FP model"
+    return (f"reconstruction: the input of unit '{unit}' from the {source} is {what} on {at}: "
+            + ("an earlier unit's quantization broke it (see the MSE of the units before it)" if input_source == "quantized"
+               else "the FP model itself breaks on this input"))
+
+
+def _capture_rows(cache: UnitCache, state: dict, fp_model: nn.Module, src_model: nn.Module, calib, sample_idx: np.ndarray,
+                  batch_size: int, device, unit_name: str, progress: bool) -> None:
+    """Both forwards over the chosen rows, batch by batch (the hooks record into ``cache``)."""
+    bar = tqdm(total=len(sample_idx), desc=f"capture {unit_name}", disable=not progress, leave=False)
+    for start in range(0, len(sample_idx), batch_size):
+        idx = sample_idx[start:start + batch_size]
+        x, t, cond = calib.get(idx, device)
+        state.update(b=x.shape[0], rows=slice(start, start + len(idx)), cond=cond)
+        for model in ((src_model, fp_model) if src_model is not fp_model else (fp_model,)):
+            try:
+                eps(model, x, t, cond)
+            except _Stop:
+                pass
+        bar.update(len(idx))
+    bar.close()
 
 
 def unit_call_args(cache: UnitCache, rows: np.ndarray, calib, sample_idx: np.ndarray, device) -> tuple[list, dict]:

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qdiff.cache import cache_lock, claim_folder, save_tensors
-from qdiff.errors import ConfigError
+from qdiff.errors import CheckpointError, ConfigError, DataError
 from qdiff.io import load_state_dict_file, write_json
 from qdiff.quant.config import QuantConfig
 from qdiff.quant.split import execution_order
@@ -59,12 +59,25 @@ class Checkpoints:
         return state, StepReport(**{**self.progress["reports"][step], "resumed": True})
 
     def save(self, step: str, state: dict[str, torch.Tensor], report: StepReport) -> None:
+        """The step's state file, then its line in ``progress.json`` (both atomic: a failure keeps the record of the
+        steps before it intact, and a state file without its line is overwritten on resume)."""
         if self.root is None:
             return
-        save_tensors(self.root / f"{len(self.progress['done']):04d}.safetensors", state)
-        self.progress["done"].append(step)
-        self.progress["reports"][step] = asdict(report)
-        write_json(self.root / "progress.json", self.progress)
+        progress = {"done": [*self.progress["done"], step], "reports": {**self.progress["reports"], step: asdict(report)}}
+        try:
+            save_tensors(self.root / f"{len(self.progress['done']):04d}.safetensors", state)
+            write_json(self.root / "progress.json", progress)
+        except OSError as e:
+            raise CheckpointError(f"reconstruction: could not write the checkpoint of step '{step}' ({e.strerror or e}); "
+                                  f"{self.kept()}: free space or fix the folder's permissions and rerun with the same "
+                                  "settings to resume") from None
+        self.progress = progress
+
+    def kept(self) -> str:
+        """Where the finished steps are, for error messages."""
+        n = len(self.progress["done"])
+        return (f"the {n} finished step(s) before it are checkpointed in {self.root}" if n else
+                f"nothing had been checkpointed in {self.root} yet")
 
 
 def plan(ctx: Context, units: list[Unit], order: list[str], act_init_samples: int) -> list[Step]:
@@ -105,7 +118,12 @@ def run_steps(steps: list[Step], ctx: Context, ckpt: Checkpoints, progress: bool
                 state, rep = ckpt.load(step.name)
                 step.restore(ctx, state)
             else:
-                rep = step.run(ctx)
+                try:
+                    rep = step.run(ctx)
+                except DataError as e:  # nothing of this step is kept; what finished before it is
+                    where = (f"; {ckpt.kept()}: fix the cause and rerun with the same settings to resume"
+                             if ckpt.root is not None else "")
+                    raise type(e)(f"{e}{where}") from None
                 ckpt.save(step.name, step.state(ctx), rep)
             reports.append(rep)
             bar.update(1)

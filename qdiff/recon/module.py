@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from qdiff.errors import DataError
 from qdiff.quant.adaround import AdaRoundQuantizer
 from qdiff.recon.capture import UnitCache, unit_call_args
 from qdiff.recon.config import ReconConfig
@@ -45,9 +46,9 @@ class _RandomRows(IterableDataset):
 class ReconModule(pl.LightningModule):
     def __init__(self, unit: nn.Module, cache: UnitCache, calib, sample_idx: np.ndarray, phase: str,
                  params: list[nn.Parameter], cfg: ReconConfig, steps: int, seed: int,
-                 adaround: list[AdaRoundQuantizer] | None = None) -> None:
+                 adaround: list[AdaRoundQuantizer] | None = None, name: str = "") -> None:
         super().__init__()
-        self.unit = unit
+        self.unit, self.unit_name = unit, name
         self.cache, self.calib, self.sample_idx = cache, calib, sample_idx
         self.phase, self.cfg, self.steps, self.seed = phase, cfg, steps, seed
         self.recon_params = params
@@ -56,6 +57,8 @@ class ReconModule(pl.LightningModule):
         self.last: dict[str, float] = {}
         #: Optimisation steps actually run (fewer than ``steps`` when the rounding was decided early).
         self.steps_run = 0
+        #: First step whose loss was non-finite (-1: none), kept on the device: checking it costs no sync per step.
+        self._first_bad: torch.Tensor | None = None
 
     def train(self, mode: bool = True):
         # Lightning switches modules to train mode; the block itself must keep its inference behaviour
@@ -110,12 +113,15 @@ class ReconModule(pl.LightningModule):
             if b is not None and self.cfg.round_weight > 0:
                 round_loss = self.cfg.round_weight * sum(q.round_loss(b) for q in self.adaround)
                 loss = rec + round_loss
+        self._track_non_finite(loss.detach(), step)
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         opt.step()
         if self.phase == "acts":
             self.lr_schedulers().step()
         self.steps_run = step + 1
+        if (step + 1) % LOG_EVERY == 0 or step + 1 >= self.steps:
+            self._raise_if_non_finite()  # before a broken state could be kept (or look "decided")
         if (self.phase == "weights" and self.cfg.stop_when_hard and (step + 1) % LOG_EVERY == 0
                 and all(q.all_hard() for q in self.adaround)):
             self.trainer.should_stop = True  # exact: no later step can change a fully decided rounding
@@ -126,6 +132,24 @@ class ReconModule(pl.LightningModule):
                            f"recon/{self.phase}/round_loss": self.last["round_loss"]}, prog_bar=True, on_step=True,
                           on_epoch=False, batch_size=len(rows))
         return loss
+
+
+    def _track_non_finite(self, loss: torch.Tensor, step: int) -> None:
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = (self._first_bad < 0) & ~torch.isfinite(loss)
+        self._first_bad = torch.where(bad, torch.full_like(self._first_bad, step), self._first_bad)
+
+    def _raise_if_non_finite(self) -> None:
+        first = int(self._first_bad) if self._first_bad is not None else -1
+        if first >= 0:
+            what = "AdaRound" if self.phase == "weights" else "LSQ"
+            raise NonFiniteLoss(f"reconstruction: the {what} loss of unit '{self.unit_name}' became non-finite at "
+                                f"step {first + 1} of {self.steps}")
+
+
+class NonFiniteLoss(DataError):
+    """A unit's reconstruction loss became NaN/Inf (the engine adds where the finished steps are kept)."""
 
 
 def trainer_for(steps: int, device: torch.device, precision: str, progress: bool, logger, callbacks: list | None = None) -> pl.Trainer:

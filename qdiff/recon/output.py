@@ -16,11 +16,15 @@ one probe run each.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable
 
 import torch
 from torch import nn
 
+from qdiff.calib.checks import diverges
+from qdiff.errors import DataError
+from qdiff.finite import first_bad_row, kind
 from qdiff.quant.layers import QuantLayer
 
 log = logging.getLogger("qdiff")
@@ -45,7 +49,12 @@ class ProbeScore:
     @property
     def ref(self) -> torch.Tensor:
         if self._ref is None:
-            self._ref = self.probe(self.fp_model).float()
+            ref = self.probe(self.fp_model).float()
+            bad = first_bad_row(ref)
+            if bad is not None:
+                raise DataError(f"output bias match: the FP model's own sample of calibration trajectory {bad} ends "
+                                f"{kind(ref[bad])}: {diverges()}")
+            self._ref = ref
         return self._ref
 
     def samples(self, q_model: nn.Module) -> torch.Tensor:
@@ -81,6 +90,10 @@ def match_output_mean(q_model: nn.Module, layer_name: str, score: ProbeScore, it
 
     zero = torch.zeros(channels)
     f0, mse0 = dev(zero)
+    if not (torch.isfinite(f0).all() and math.isfinite(mse0)):
+        layer.bias.data = b0
+        raise DataError(f"output bias match: the quantized model's samples of the calibration trajectories end "
+                        f"{kind(f0)} (the FP model's are finite): the quantized model diverges when sampling")
     if f0.numel() != channels:
         layer.bias.data = b0
         log.warning("output bias match: %s has %d output channels, samples have %d; skipped", layer_name, channels, f0.numel())
@@ -89,7 +102,11 @@ def match_output_mean(q_model: nn.Module, layer_name: str, score: ProbeScore, it
     tried = [(zero, f0, mse0)]
     d0, d1 = zero, -f0  # first guess: unit gain from bias to sample mean
     for _ in range(max(1, iters)):
+        if not torch.isfinite(d1).all():
+            break
         f1, mse1 = dev(d1)
+        if not (torch.isfinite(f1).all() and math.isfinite(mse1)):
+            break  # a shift that breaks the samples is never kept; the best finite one so far is
         tried.append((d1, f1, mse1))
         df = f1 - tried[-2][1]
         slope = torch.where(df.abs() > 1e-12, (d1 - d0) / df, torch.zeros_like(df))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qdiff.errors import DataError
 from qdiff.quant.config import QuantConfig
 from qdiff.quant.layers import QuantLayer
 from qdiff.quant.wrap import act_quantizers, activations_fp
@@ -129,7 +130,8 @@ class _UnitStep:
             for p in params:
                 p.requires_grad_(True)
             iters = self.iters(ctx.cfg)
-            module = ReconModule(unit_mod, cache, ctx.calib, ctx.sample_idx, self.phase, params, ctx.cfg, iters, self.seed, ada)
+            module = ReconModule(unit_mod, cache, ctx.calib, ctx.sample_idx, self.phase, params, ctx.cfg, iters, self.seed, ada,
+                                 name=self.unit.name)
             trainer_for(iters, ctx.device, ctx.cfg.precision, ctx.cfg.lightning_progress, ctx.logger, ctx.callbacks).fit(module)
             rep.iterations = module.steps_run
             unit_mod.to(ctx.device)  # Lightning's teardown moves the module it trained to the CPU
@@ -139,6 +141,9 @@ class _UnitStep:
         rep.optimize_seconds = round(time.perf_counter() - t, 2)
         rep.mse_after = _eval_mse(unit_mod, cache, ctx)
         cache.close()
+        if not np.isfinite(rep.mse_after):
+            raise DataError(f"reconstruction: unit '{self.unit.name}' gives a non-finite output after its {self.phase} "
+                            f"step (MSE {rep.mse_after} against FP; before: {rep.mse_before:.4g})")
         log.info("%s: block MSE %.4g -> %.4g (%.1f s)", self.name, rep.mse_before, rep.mse_after, rep.optimize_seconds)
         return rep
 

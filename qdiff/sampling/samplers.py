@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qdiff.errors import ConfigError
+from qdiff.errors import ConfigError, DataError
+from qdiff.finite import first_bad_row, kind
 from qdiff.models.base import DiffusionModel, eps
 from qdiff.sampling.config import FROM_CONFIG, SamplerConfig
 
@@ -180,7 +181,14 @@ def generate(
     noise = initial_noise(model.sample_shape, n, seed) if noise is None else noise[:n]
     n_batches = (n + cfg.batch_size - 1) // cfg.batch_size
     bar = tqdm(total=n_batches * cfg.steps, desc=desc, unit="step", disable=not progress, leave=False)
-    out = [generate_batch(model, unet, cfg, noise, b, seed, device, prompts, return_latents, bar) for b in range(n_batches)]
+    out = []
+    for b in range(n_batches):
+        z = generate_batch(model, unet, cfg, noise, b, seed, device, prompts, return_latents, bar)
+        bad = first_bad_row(z)
+        if bad is not None:  # scored, NaN would become a silent NaN FID
+            raise DataError(f"{desc}: sample {b * cfg.batch_size + bad} (seed {seed}) ends {kind(z[bad])}: the model "
+                            f"diverges when sampling from this noise ({cfg.name}, {cfg.steps} steps)")
+        out.append(z)
     bar.close()
     return torch.cat(out)
 
