@@ -160,7 +160,7 @@ def main() -> None:
         mse = float(((calib.final_latents(model, 32) - fp_final) ** 2).mean())
         print(f"[4] {name:<12} final-sample MSE vs FP over 32 DDIM-50 runs from the same noise: {mse:.4f}")
 
-    sizes = qdiff.export(q, args.out / "w4a8", init_kwargs={"ch": 24, "tdim": 64})
+    sizes = qdiff.export(q, args.out / "w4a8", init_kwargs={"ch": 24, "tdim": 64}, overwrite=True)  # this script's own folder
     deployed = qdiff.load_deployed(args.out / "w4a8")
     x, t, _ = calib.get(list(range(8)))
     same = torch.equal(deployed(x, t), q(x, t))

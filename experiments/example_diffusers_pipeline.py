@@ -64,7 +64,7 @@ def example(kind: str, out: Path, weight_iters: int) -> None:
     lin = images(linear, text, steps)
     print(f"  pipe(...) with the quantized UNet: images {tuple(q.shape)}; mean |image - FP image| from the same "
           f"generator: Q-Diffusion {float((q - fp).abs().mean()):.4f}, linear {float((lin - fp).abs().mean()):.4f}")
-    sizes = qdiff.save_pipeline(pipe, out / kind)
+    sizes = qdiff.save_pipeline(pipe, out / kind, overwrite=True)  # this script's own folder
     loaded = qdiff.load_pipeline(out / kind)
     loaded.set_progress_bar_config(disable=True)
     same = torch.equal(images(loaded, text, steps), q)

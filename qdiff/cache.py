@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -76,14 +77,52 @@ class Entry:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """``safetensors`` file written atomically (temp file + rename)."""
+    """``safetensors`` file written atomically (temp file + rename; a failed write leaves no temp file)."""
     from safetensors.torch import save_file
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, p)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, p)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        code = re.search(r"os error (\d+)", str(e))  # safetensors reports I/O errors as its own type
+        if code and not isinstance(e, OSError):
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(p)) from None
+        raise
+
+
+@contextmanager
+def publish_folder(path: str | os.PathLike, overwrite: bool, what: str) -> Iterator[Path]:
+    """A fresh folder beside ``path`` to write into; renamed to ``path`` when the ``with`` body succeeds.
+
+    A failure or a kill inside the body leaves ``path`` as it was (at worst a hidden ``.<name>.tmp-<pid>`` folder
+    beside it). With ``overwrite`` an existing ``path`` is moved aside first and removed only after the new
+    folder is in place, so there is never a moment with half an artifact at ``path``.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    recover_publish_leftovers(p)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    old = p.with_name(f".{p.name}.old-{os.getpid()}")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if p.exists():
+            if not overwrite and any(p.iterdir()):
+                raise ConfigError(f"{what}: {p} was filled by someone else while this was written; nothing replaced")
+            os.replace(p, old) if any(p.iterdir()) else p.rmdir()
+        os.replace(tmp, p)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not p.exists():
+            os.replace(old, p)  # put the earlier output back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def claim_folder(path: str | os.PathLike, ident: dict, what: str, fresh: bool = False) -> Path:
@@ -131,3 +170,30 @@ def _differences(old: dict, new: dict, prefix: str = "", limit: int = 4) -> str:
 def _short(v: object, n: int = 40) -> str:
     s = json.dumps(v, default=str)
     return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def recover_publish_leftovers(p: str | os.PathLike) -> None:
+    """What a killed :func:`publish_folder` left beside ``p``: its half-written folder is removed; an earlier
+    output it had moved aside is put back when nothing replaced it (the kill fell between the two renames)."""
+    p = Path(p)
+    if not p.parent.is_dir():
+        return
+    for leftover in sorted(p.parent.glob(f".{p.name}.*-*")):
+        stage, _, pid = leftover.name.rpartition("-")
+        if not pid.isdigit() or _alive(int(pid)) or not stage.endswith((".tmp", ".old")):
+            continue
+        if stage.endswith(".old") and not p.exists():
+            os.replace(leftover, p)
+            log.warning("restored %s from %s (left by a process killed while replacing it)", p, leftover.name)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -57,14 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("path", type=Path, help="a run directory (holding quantized_unet/) or an artifact directory")
     p.add_argument("--out", type=Path, help="copy the verified artifact here")
     p.add_argument("--check", choices=["int8"], help="also run it on this backend against the simulated model")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it is not empty (refused otherwise)")
     args = p.parse_args(argv)
+    from qdiff.cache import publish_folder
     from qdiff.deploy import artifact_sizes
-    from qdiff.deploy.artifact import Artifact
+    from qdiff.deploy.artifact import Artifact, refuse_nonempty
     from qdiff.deploy.simulated import load_simulated
     from qdiff.errors import QDiffError
 
     src = _artifact_dir(args.path)
     try:
+        if args.out:
+            refuse_nonempty(args.out, args.overwrite, "--out")
         art = Artifact(src)
         load_simulated(art)
     except QDiffError as e:
@@ -80,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in check(src, args.check).items():
             print(f"  {args.check} {k}: {v}")
     if args.out:
-        shutil.copytree(src, args.out, dirs_exist_ok=True)
+        with publish_folder(args.out, args.overwrite, "--out") as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
         print(f"  copied to {args.out}")
     return 0
 

@@ -83,8 +83,12 @@ def write_json(path: str | os.PathLike, obj: object) -> None:
     """Write JSON atomically (temp file + rename) so a killed run never leaves half a file."""
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    os.replace(tmp, p)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _json_default(o: object) -> object:

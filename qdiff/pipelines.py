@@ -130,24 +130,29 @@ def quantize_pipeline(pipe: Any, config: QuantConfig, calib: CalibConfig | dict 
     return pipe
 
 
-def save_pipeline(pipe: Any, path: str | Path) -> dict:
+def save_pipeline(pipe: Any, path: str | Path, overwrite: bool = False) -> dict:
     """Save like ``pipe.save_pretrained``, with the UNet as a qdiff artifact (``unet/``); returns its sizes.
 
     Every other component is written by its own ``save_pretrained`` and ``model_index.json`` by the pipeline,
-    so the folder is a diffusers folder whose ``unet/`` holds packed integer weights instead of FP ones.
+    so the folder is a diffusers folder whose ``unet/`` holds packed integer weights instead of FP ones. A folder
+    that is not empty is refused unless ``overwrite=True``; everything is written beside it and renamed into place.
     """
-    from qdiff.deploy import export
+    from qdiff.cache import publish_folder
+    from qdiff.deploy import artifact_sizes, export
+    from qdiff.deploy.artifact import refuse_nonempty
 
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+    refuse_nonempty(out, overwrite, "save_pipeline")
     for name, component in pipe.components.items():
-        if name == "unet" or component is None:
-            continue
-        if not hasattr(component, "save_pretrained"):
+        if name != "unet" and component is not None and not hasattr(component, "save_pretrained"):
             raise ConfigError(f"save_pipeline: component {name!r} ({type(component).__name__}) has no save_pretrained")
-        component.save_pretrained(out / name)
-    pipe.save_config(out)
-    return export(pipe.unet, out / "unet", extra={"pipeline": type(pipe).__name__})
+    with publish_folder(out, overwrite, "save_pipeline") as tmp:
+        for name, component in pipe.components.items():
+            if name != "unet" and component is not None:
+                component.save_pretrained(tmp / name)
+        pipe.save_config(tmp)
+        export(pipe.unet, tmp / "unet", extra={"pipeline": type(pipe).__name__})
+    return artifact_sizes(out / "unet")
 
 
 def load_pipeline(path: str | Path, backend: str = "simulated", device: torch.device | str = "cpu", **kwargs) -> Any:

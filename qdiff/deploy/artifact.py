@@ -139,12 +139,18 @@ def _layer_entries(row: dict) -> list[list]:
     return entries
 
 
-def export(qmodel: nn.Module, path: str | Path, init_kwargs: dict | None = None, extra: dict | None = None) -> dict:
+def export(qmodel: nn.Module, path: str | Path, init_kwargs: dict | None = None, extra: dict | None = None,
+           overwrite: bool = False) -> dict:
     """Write ``qmodel`` (from :func:`qdiff.quantize`, or any FP model) as a deployable artifact; returns its sizes.
 
     ``init_kwargs``: constructor arguments of a non-diffusers network (diffusers models record their config).
-    ``extra``: JSON facts kept with the artifact (e.g. the scheduler config a sampler needs).
+    ``extra``: JSON facts kept with the artifact (e.g. the scheduler config a sampler needs). A folder that is not
+    empty is refused unless ``overwrite=True``; the artifact is written beside it and renamed into place, so a
+    failed or killed export leaves the folder as it was.
     """
+    out = Path(path)
+    refuse_nonempty(out, overwrite, "export")
+    check_weights(qmodel)
     cfg = getattr(qmodel, "quant_config", None) or QuantConfig(method="fp")
     arch = architecture_of(qmodel, init_kwargs)
     blobs, rows, layer_keys = _Blobs(), [], set()
@@ -170,16 +176,39 @@ def export(qmodel: nn.Module, path: str | Path, init_kwargs: dict | None = None,
         if k not in persistent and not any(k.startswith(n + ".") for n in layers):
             blobs.add(f"buffer:{k}", v)
     fp32_bytes = 4 * sum(p.numel() for n, p in qmodel.named_parameters() if not any(q in n for q in _QUANTIZER_PARTS))
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    from qdiff.cache import save_tensors
+    from qdiff.cache import publish_folder, save_tensors
 
-    save_tensors(out / TENSORS_FILE, blobs.tensors(), metadata={"format": FORMAT})
-    meta = {"format": FORMAT, "architecture": arch, "quant": asdict(cfg), "layer_fields": LAYER_FIELDS, "layers": rows,
-            "tensors": blobs.index, "tensors_sha256": _sha256(out / TENSORS_FILE), "fp32_bytes": fp32_bytes,
-            "extra": extra or {}}
-    (out / META_FILE).write_text(json.dumps(meta, separators=(",", ":")))
+    with publish_folder(out, overwrite, "export") as tmp:
+        save_tensors(tmp / TENSORS_FILE, blobs.tensors(), metadata={"format": FORMAT})
+        meta = {"format": FORMAT, "architecture": arch, "quant": asdict(cfg), "layer_fields": LAYER_FIELDS,
+                "layers": rows, "tensors": blobs.index, "tensors_sha256": _sha256(tmp / TENSORS_FILE),
+                "fp32_bytes": fp32_bytes, "extra": extra or {}}
+        (tmp / META_FILE).write_text(json.dumps(meta, separators=(",", ":")))
     return artifact_sizes(out)
+
+
+def refuse_nonempty(path: Path, overwrite: bool, what: str) -> None:
+    """One line, before any work, when ``path`` holds something and ``overwrite`` was not asked for (after putting
+    back an earlier output that a killed writer had moved aside)."""
+    from qdiff.cache import recover_publish_leftovers
+
+    recover_publish_leftovers(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what}: {path} is a file, not a folder")
+    if not overwrite and path.is_dir() and any(path.iterdir()):
+        held = ", ".join(sorted(p.name for p in path.iterdir())[:3])
+        raise ConfigError(f"{what}: {path} is not empty (holds {held}); pass overwrite=True (CLI: --overwrite) to "
+                          "replace it, or choose another folder")
+
+
+def check_weights(model: nn.Module) -> None:
+    """Refuse to write a network whose tensors hold NaN/Inf (a broken model is not deployed)."""
+    from qdiff.errors import DataError
+    from qdiff.finite import first_bad_row, kind
+
+    for name, v in model.state_dict().items():
+        if first_bad_row(v) is not None:
+            raise DataError(f"export: {name} holds {kind(v)}; a model with non-finite tensors is not exported")
 
 
 def artifact_sizes(path: str | Path) -> dict:
