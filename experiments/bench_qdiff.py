@@ -10,6 +10,7 @@ per reconstruction, the mean over sampling seeds and the lowest interval bound; 
 Runs that already have a metrics.json under --out are reused. Prints a Markdown table, writes JSON.
 
     python experiments/bench_qdiff.py [--bits w4a8 w4a32] [--seeds 0 1] [--recon-seeds 0 1 2] [--tag cpu] [overrides ...]
+    python experiments/bench_qdiff.py --common model=digits_dit --out outputs/bench/dit/qdiff ...   # the digits DiT
 """
 from __future__ import annotations
 
@@ -25,13 +26,14 @@ def fp_samples(overrides: list[str], out_dir: Path, models: dict):
     spec; ``models`` caches the loaded FP model by its config, so it is loaded once."""
     from qdiff.eval.run import fp_reference
     from qdiff.models import load_model
-    from qdiff.spec import build_spec
+    from qdiff.spec import build_spec, run_prompts
 
     spec = build_spec(compose(overrides, out_dir))
     key = repr(spec.model)
     if key not in models:
         models[key] = load_model(spec.model)
-    return fp_reference(models[key], spec, None)[0], spec, models[key]
+    model = models[key]
+    return fp_reference(model, spec, run_prompts(model, spec, spec.eval.n_samples, spec.seed))[0], spec, model
 
 
 def run_dirs(out: Path, bits: str, tag: str, recon_seed: int, seed: int) -> tuple[Path, Path]:

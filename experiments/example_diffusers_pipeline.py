@@ -2,7 +2,7 @@
 
     python experiments/example_diffusers_pipeline.py      # ~1.5 min on 2 CPU cores, offline
 
-Both pipelines are tiny and random-init (``qdiff.pipelines.tiny_pipeline``; with real weights the same lines
+Both pipelines are tiny and random-init (``qdiff.testing.tiny_pipeline``; with real weights the same lines
 take ``DDIMPipeline.from_pretrained("google/ddpm-cifar10-32")`` or ``StableDiffusionPipeline.from_pretrained(...)``).
 For each: ``qdiff.quantize_pipeline`` calibrates with the pipeline's own scheduler, steps, guidance scale and
 text encoder, reconstructs the UNet at W4A8 and puts it back; ``pipe(...)`` then runs as before.
@@ -37,7 +37,7 @@ def example(kind: str, out: Path, weight_iters: int) -> None:
     import qdiff
 
     t0 = time.perf_counter()
-    pipe = qdiff.pipelines.tiny_pipeline(kind)
+    pipe = qdiff.testing.tiny_pipeline(kind)
     pipe.set_progress_bar_config(disable=True)
     text = kind == "stable_diffusion"
     steps = 10
@@ -56,7 +56,7 @@ def example(kind: str, out: Path, weight_iters: int) -> None:
     print(f"  reconstruction: {n_quant} quantized layers in {rep['n_units']} units, "
           f"rounding decided {rep['hard_fraction_mean']:.0%}, {rep['seconds']['reconstruct']:.0f} s")
     q = images(pipe, text, steps)
-    linear = qdiff.pipelines.tiny_pipeline(kind)         # the round-to-nearest baseline at the same bits, for scale
+    linear = qdiff.testing.tiny_pipeline(kind)         # the round-to-nearest baseline at the same bits, for scale
     linear.set_progress_bar_config(disable=True)
     linear = qdiff.quantize_pipeline(linear, qdiff.QuantConfig(method="linear", weight_bits=4, act_bits=8),
                                      calib=qdiff.CalibConfig(T=steps, c=2, n=len(PROMPTS)),

@@ -34,7 +34,7 @@ _NAMES = {
 }
 #: Subpackages and modules reachable as ``qdiff.<name>`` after a bare ``import qdiff``.
 _SUBMODULES = ("api", "cache", "calib", "deploy", "errors", "eval", "io", "launch", "models", "pipelines", "quant",
-               "recon", "report", "runtime", "sampling")
+               "recon", "report", "runtime", "sampling", "testing")
 
 
 def __getattr__(name: str):

@@ -52,12 +52,28 @@ def prepare(model: nn.Module, cfg: QuantConfig, example: tuple[torch.Tensor, tor
     splits = shortcut_splits(model, cfg, (x, t), cond)
     order = execution_order(model, (x, t), cond, types=tuple(LAYER_REGISTRY))
     specs = resolve_layer_specs(model, cfg, splits, order)
+    log_conditioning_path(model, cfg, specs)
     try:
         q = wrap_model(model, cfg, specs)
     except ValueError as e:
         raise ConfigError(f"quant: {e}") from None
     init_weight_quantizers(q, cfg.resolved_scale_method, cfg.lp)
     return q, specs
+
+
+def log_conditioning_path(model: nn.Module, cfg: QuantConfig, specs: list[LayerSpec]) -> None:
+    """Say how the conditioning path (embeddings, adaLN modulation) is quantized: an explicit choice, not a side effect."""
+    from collections import Counter
+
+    from qdiff.quant.wrap import conditioning_layers
+
+    cond = conditioning_layers(model)
+    if not cond:
+        return
+    bits = Counter(f"W{s.weight_bits}A{s.act_bits}" for s in specs if s.name in cond)
+    log.info("conditioning path (timestep/class/text embeddings, adaLN modulation): %d of %d layers at %s "
+             "(quant.cond_bits=%s: %s)", len(cond), len(specs), ", ".join(f"{k} x{n}" for k, n in sorted(bits.items())),
+             cfg.cond_bits, "like every other layer, as the paper" if cfg.cond_bits is None else "their own bits")
 
 
 def shortcut_splits(model: nn.Module, cfg: QuantConfig, inputs: tuple, cond: dict) -> dict[str, int]:

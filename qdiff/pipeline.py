@@ -105,9 +105,14 @@ def quant_summary(qunet) -> dict:
     """Counts of the per-layer table, and the reconstruction report when there was one."""
     from collections import Counter
 
+    from qdiff.quant.wrap import conditioning_layers
+
     specs = qunet.quant_specs
+    cond = conditioning_layers(qunet)
     out = {"quant_layers": {
         "n_layers": len(specs), "n_split_layers": sum(1 for s in specs if s.split),
+        "conditioning_path": {"n_layers": len(cond), "bits": dict(Counter(f"W{s.weight_bits}A{s.act_bits}"
+                                                                          for s in specs if s.name in cond))},
         "split_layers": {s.name: s.split for s in specs if s.split},
         "weight_bits_hist": dict(Counter(str(s.weight_bits) for s in specs)),
         "act_bits_hist": dict(Counter(str(s.act_bits) for s in specs))}}

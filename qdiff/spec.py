@@ -19,6 +19,9 @@ from qdiff.sampling.config import SamplerConfig
 
 log = logging.getLogger("qdiff")
 
+#: The embedded models, scored on the bundled digits with the bundled digits classifier (no files to check).
+EMBEDDED_DIGITS = ("digits", "digits_dit")
+
 
 @dataclass
 class RunSpec:
@@ -110,7 +113,8 @@ def check_inputs(spec: RunSpec) -> dict:
     paper = PAPER_MODELS.get(spec.model.name)
     if paper is not None:
         check_source(spec.model)  # weights first: a missing model is the one thing to fix before anything else
-    if spec.model.name != "digits" and (spec.eval.fid or spec.eval.isc):
+    digits = spec.model.name in EMBEDDED_DIGITS
+    if not digits and (spec.eval.fid or spec.eval.isc):
         from qdiff.eval.fidelity import resolve_inception_weights
 
         out["inception_weights"] = resolve_inception_weights(spec.eval.inception_weights, spec.cache_dir / "eval")
@@ -126,7 +130,7 @@ def check_inputs(spec: RunSpec) -> dict:
             out["clip"] = resolve_clip_model(spec.eval.clip_model)
             if out["clip"][1]:
                 log.warning("CLIP score will be skipped: %s", out["clip"][1])
-    if spec.model.name == "digits" and spec.eval.digits_classifier is not None:
+    if digits and spec.eval.digits_classifier is not None:
         if not Path(spec.eval.digits_classifier).is_file():
             raise ConfigError(f"eval.digits_classifier not found: {spec.eval.digits_classifier}")
     return out
@@ -138,10 +142,25 @@ def _captions_path(spec: RunSpec) -> str:
     return spec.model.prompts
 
 
-def run_prompts(model, spec: RunSpec, n: int, seed: int) -> list[str] | None:
-    """``n`` captions drawn with ``seed`` from ``model.prompts`` for a text-guided model, else None."""
+def run_prompts(model, spec: RunSpec, n: int, seed: int) -> list | None:
+    """What conditions ``n`` samples: captions drawn with ``seed`` from ``model.prompts`` for a text-guided model,
+    class labels 0, 1, ..., 9, 0, ... (every class equally often) for a class-conditional one, else None."""
+    if model.is_class_conditional:
+        return class_labels(model.num_classes, n)
     if not model.is_text_guided:
         return None
     from qdiff.models.prompts import load_captions, sample_prompts
 
     return sample_prompts(load_captions(_captions_path(spec)), n, seed)
+
+
+def class_labels(num_classes: int, n: int) -> list[int]:
+    """``n`` labels cycling through the classes: balanced, like the real data FID compares against."""
+    return [i % num_classes for i in range(n)]
+
+
+def conditions_key(prompts) -> str:
+    """A hash of a run's prompts or class labels (part of cache keys)."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(map(str, prompts or [])).encode()).hexdigest()

@@ -188,7 +188,7 @@ def _images(pipe, *args, **kwargs) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])
 def test_quantize_pipeline_unconditional_runs_with_a_quantized_unet_and_saves_and_loads(kind, tmp_path):
-    pipe = qdiff.pipelines.tiny_pipeline(kind)
+    pipe = qdiff.testing.tiny_pipeline(kind)
     pipe.set_progress_bar_config(disable=True)
     fp = _images(pipe, batch_size=2)
     out = qdiff.quantize_pipeline(pipe, W4A8, calib=qdiff.CalibConfig(T=4, c=2, n=4), recon=SHORT, progress=False)
@@ -207,7 +207,7 @@ def test_quantize_pipeline_unconditional_runs_with_a_quantized_unet_and_saves_an
 
 
 def test_quantize_pipeline_text_guided_uses_the_pipelines_encoder_guidance_and_saves_and_loads(tmp_path):
-    pipe = qdiff.pipelines.tiny_pipeline("stable_diffusion")
+    pipe = qdiff.testing.tiny_pipeline("stable_diffusion")
     pipe.set_progress_bar_config(disable=True)
     with pytest.raises(ConfigError, match="needs one prompt per trajectory, 4; got 2"):
         qdiff.quantize_pipeline(pipe, W4A8, calib={"T": 4, "c": 2, "n": 4}, recon=SHORT, prompts=PROMPTS[:2])
@@ -233,17 +233,17 @@ def test_quantize_pipeline_text_guided_uses_the_pipelines_encoder_guidance_and_s
 
 
 def test_quantize_pipeline_refuses_what_it_cannot_calibrate():
-    pipe = qdiff.pipelines.tiny_pipeline("ddim")
+    pipe = qdiff.testing.tiny_pipeline("ddim")
     with pytest.raises(ConfigError, match="is unconditional; leave prompts out"):
         qdiff.quantize_pipeline(pipe, W4A8, calib={"T": 4, "c": 2, "n": 4}, prompts=PROMPTS)
     with pytest.raises(ConfigError, match=r"calib.c \(8\) must be <= calib.T \(4\)"):
         qdiff.quantize_pipeline(pipe, W4A8, calib={"T": 4, "c": 8, "n": 4})
     with pytest.raises(ConfigError, match="pipe.unet is torch.float16; qdiff calibrates and reconstructs in float32"):
-        qdiff.quantize_pipeline(qdiff.pipelines.tiny_pipeline("ddim").to(torch.float16), W4A8)
+        qdiff.quantize_pipeline(qdiff.testing.tiny_pipeline("ddim").to(torch.float16), W4A8)
     with pytest.raises(ConfigError, match="needs a diffusers pipeline with .unet and .scheduler"):
         qdiff.quantize_pipeline(torch.nn.Linear(2, 2), W4A8)
     with pytest.raises(ConfigError, match="unknown kind"):
-        qdiff.pipelines.tiny_pipeline("sdxl")
+        qdiff.testing.tiny_pipeline("sdxl")
 
 
 # --- import surface -----------------------------------------------------------------------------------------------
@@ -262,7 +262,7 @@ def test_every_public_name_and_subpackage_resolves_from_the_package():
 def test_a_bare_import_is_light_and_enough_for_every_readme_name():
     code = ("import sys, qdiff; assert 'torch' not in sys.modules, 'import qdiff loaded torch'; "
             "qdiff.recon.register_block; qdiff.calib.calibration_data; qdiff.quant.register_layer; qdiff.deploy.export; "
-            "qdiff.pipelines.tiny_pipeline; qdiff.quantize; qdiff.calibration_data; qdiff.quantize_pipeline; "
+            "qdiff.testing.tiny_pipeline; qdiff.quantize; qdiff.calibration_data; qdiff.quantize_pipeline; "
             "qdiff.save_pipeline; qdiff.load_pipeline; qdiff.export; qdiff.load_deployed; qdiff.ReconConfig.preset; "
             "qdiff.CalibConfig; qdiff.QuantConfig; qdiff.ConfigError")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

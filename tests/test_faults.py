@@ -216,10 +216,10 @@ def test_a_loss_that_turns_nan_mid_unit_stops_keeps_checkpoints_and_resumes_afte
     real = ReconModule.unit_output
 
     def breaks(self, rows):
-        out, target = real(self, rows)
+        outs, targets = real(self, rows)
         if self.unit_name == "dec" and self.phase == "weights" and self.global_step >= 6:
-            out = out * float("nan")                     # e.g. an overflow in the unit from step 7 on
-        return out, target
+            outs = [o * float("nan") for o in outs]      # e.g. an overflow in the unit from step 7 on
+        return outs, targets
 
     monkeypatch.setattr(ReconModule, "unit_output", breaks)
     work = tmp_path / "w"

@@ -158,19 +158,23 @@ class Conditioning(Protocol):
 
 
 class PromptConditioning:
-    """A text-guided :class:`DiffusionModel`'s prompts through its encoder, the empty prompt as the unconditional
-    branch (nothing for unconditional models)."""
+    """A text-guided :class:`DiffusionModel`'s prompts through its encoder (the empty prompt as the unconditional
+    branch), a class-conditional one's labels (the null class as the unconditional branch), nothing for
+    unconditional models."""
 
     shared_uncond = True
 
-    def __init__(self, model: DiffusionModel, prompts: Sequence[str] | None, n_traj: int) -> None:
-        if model.is_text_guided and (prompts is None or len(prompts) < n_traj):
-            raise ValueError(f"{model.name}: calibration needs {n_traj} prompts")
+    def __init__(self, model: DiffusionModel, prompts: Sequence | None, n_traj: int) -> None:
+        if model.is_conditional and (prompts is None or len(prompts) < n_traj):
+            raise ValueError(f"{model.name}: calibration needs {n_traj} prompts or class labels")
         self.model, self.prompts = model, list(prompts) if prompts is not None else None
-        self.guidance = model.guidance_scale if model.is_text_guided else 1.0
+        self.guidance = model.guidance_scale if model.is_conditional else 1.0
+        # with guidance 1 the unconditional branch is never used by the sampler, so it is not stored either
+        self.uses_uncond = model.is_conditional and self.guidance != 1.0
 
     def batch(self, start: int, end: int, device) -> tuple[dict | None, dict | None]:
-        return prompt_conditioning(self.model, self.prompts[start:end] if self.prompts else [], device)
+        cond, uncond = prompt_conditioning(self.model, self.prompts[start:end] if self.prompts else [], device)
+        return cond, uncond if self.uses_uncond or self.model.is_text_guided else None
 
 
 class _CondWriter:
@@ -214,8 +218,8 @@ def calibration_ident(model: DiffusionModel, sampler: SamplerConfig, calib: Cali
     return {
         "format": FORMAT, "model": model.name, "weights": model.meta.get("fingerprint") or fingerprint(model.unet),
         "sampler": sampler.name, "eta": sampler.eta, "T": calib.T, "c": calib.c, "n": calib.n,
-        "mode": calib.mode, "seed": calib.seed, "guidance": model.guidance_scale if model.is_text_guided else None,
-        "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest() if prompts else None,
+        "mode": calib.mode, "seed": calib.seed, "guidance": model.guidance_scale if model.is_conditional else None,
+        "prompts": hashlib.sha256("\n".join(map(str, prompts)).encode()).hexdigest() if prompts else None,
         "scheduler": model.scheduler_config,
     }
 

@@ -33,7 +33,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from qdiff.errors import ConfigError
-from qdiff.models.base import unwrap_output
+from qdiff.models.base import call, unwrap_output
 from qdiff.quant.layers import QuantLayer
 from qdiff.quant.wrap import quant_layers
 
@@ -180,7 +180,7 @@ class _Eps(nn.Module):
         self.net, self.keys = net, list(keys)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
-        return unwrap_output(self.net(x, t, **dict(zip(self.keys, cond))))
+        return unwrap_output(call(self.net, x, t, dict(zip(self.keys, cond))))
 
 
 class CompiledUNet(nn.Module):
@@ -210,7 +210,7 @@ class CompiledUNet(nn.Module):
         if not all(isinstance(v, torch.Tensor) for v in cond.values()):
             raise TypeError(f"int8 backend: only tensor keyword arguments are supported, got {sorted(cond)}")
         with torch.no_grad():
-            out = self._run(x, t, cond) if self.compile else unwrap_output(self.net(x, t, **cond))
+            out = self._run(x, t, cond) if self.compile else unwrap_output(call(self.net, x, t, cond))
         if not return_dict:
             return (out,)
         return DeployedUNetOutput(sample=out) if self.diffusers else out

@@ -45,6 +45,8 @@ def _example(model, spec) -> tuple[torch.Tensor, torch.Tensor, dict]:
     cond = {}
     if model.is_text_guided:
         cond = {"encoder_hidden_states": model.encode_prompts([""] * n).to(spec.device)}
+    elif model.is_class_conditional:
+        cond = {"class_labels": torch.arange(n, device=spec.device) % model.num_classes}
     return x, t, cond
 
 

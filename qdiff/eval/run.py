@@ -64,12 +64,11 @@ def paired(samples: torch.Tensor, fp_samples: torch.Tensor) -> dict:
 
 def fp_reference(model: DiffusionModel, spec, prompts: list[str] | None) -> tuple[torch.Tensor, bool]:
     """FP samples for the same sampler/seed/count, cached by key (a quantized run compares against them)."""
-    import hashlib
-
     from qdiff.io import load_state_dict_file
+    from qdiff.spec import conditions_key
 
     ident = {"weights": model.meta.get("fingerprint") or fingerprint(model.unet), "sampler": asdict(spec.sampler),
-             "n": spec.eval.n_samples, "seed": spec.seed, "prompts": hashlib.sha256("\n".join(prompts or []).encode()).hexdigest()}
+             "n": spec.eval.n_samples, "seed": spec.seed, "prompts": conditions_key(prompts)}
     entry = Entry(spec.cache_dir, "fp_samples", ident, suffix=".safetensors")
     with entry.locked("FP reference samples"):
         if entry.path.exists():

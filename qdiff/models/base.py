@@ -21,7 +21,31 @@ class ModelConfigError(ConfigError):
 
 def eps(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
     """Noise prediction of ``unet`` (FP or quantized) at (x_t, t, cond): the one way every stage calls a model."""
-    return unwrap_output(unet(x, t, **(cond or {})))
+    return unwrap_output(call(unet, x, t, cond))
+
+
+def call(net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> Any:
+    """``net(x_t, t, **cond)``, by keyword where the network names its timestep ``timestep`` but not second: diffusers'
+    transformers take ``(hidden_states, encoder_hidden_states, ..., timestep)`` (PixArt, SD3, FLUX, Sana)."""
+    names = _xt_keywords(type(net))
+    if names is None:
+        return net(x, t, **(cond or {}))
+    return net(**{names[0]: x, names[1]: t}, **(cond or {}))
+
+
+_KEYWORDS: dict[type, tuple[str, str] | None] = {}
+
+
+def _xt_keywords(cls: type) -> tuple[str, str] | None:
+    if cls not in _KEYWORDS:
+        import inspect
+
+        try:
+            params = [p for p in inspect.signature(cls.forward).parameters if p != "self"]
+        except (TypeError, ValueError):
+            params = []
+        _KEYWORDS[cls] = (params[0], "timestep") if len(params) > 1 and "timestep" in params[2:] else None
+    return _KEYWORDS[cls]
 
 
 def unwrap_output(out: Any) -> torch.Tensor:
@@ -66,6 +90,9 @@ class DiffusionModel:
     meta: dict = field(default_factory=dict)
     #: Prompt encoder module behind ``encode_prompts`` (moved with the model; stays full precision).
     text_encoder: nn.Module | None = None
+    #: Class-conditional models (DiT): classes 0..num_classes-1 as ``class_labels``; the null class ``num_classes``
+    #: is classifier-free guidance's unconditional branch (used when ``guidance_scale != 1``).
+    num_classes: int | None = None
 
     @property
     def is_latent(self) -> bool:
@@ -74,6 +101,15 @@ class DiffusionModel:
     @property
     def is_text_guided(self) -> bool:
         return self.encode_prompts is not None
+
+    @property
+    def is_class_conditional(self) -> bool:
+        return self.num_classes is not None
+
+    @property
+    def is_conditional(self) -> bool:
+        """Text prompts or class labels condition it (a run draws one per sample: :func:`qdiff.spec.run_prompts`)."""
+        return self.is_text_guided or self.is_class_conditional
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

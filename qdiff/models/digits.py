@@ -29,6 +29,24 @@ UNET_CONFIG: dict = dict(
     attention_head_dim=32,
 )
 
+#: The embedded transformer (diffusers ``DiTTransformer2DModel`` kwargs): DiT's design (adaLN-Zero blocks, patch 2,
+#: a class-label embedding with a null class for classifier-free guidance) at digits size, 16x16 -> 64 tokens.
+DIT_CONFIG: dict = dict(
+    sample_size=IMAGE_SIZE,
+    in_channels=1,
+    out_channels=1,
+    patch_size=2,
+    num_attention_heads=4,
+    attention_head_dim=16,
+    num_layers=6,
+    num_embeds_ada_norm=10,
+    norm_type="ada_norm_zero",
+    activation_fn="gelu-approximate",
+)
+DIT_WEIGHTS = WEIGHTS_DIR / "digits_dit.safetensors"
+#: Classes of the digits (0-9); DiT's label embedding holds one more row, the null class of CFG's unconditional branch.
+NUM_CLASSES = 10
+
 #: Training noise schedule (diffusers scheduler config) shared by training and every sampler.
 SCHEDULER_CONFIG: dict = dict(
     num_train_timesteps=1000,
@@ -61,6 +79,13 @@ def build_digits_unet():
     from diffusers import UNet2DModel
 
     return UNet2DModel(**UNET_CONFIG)
+
+
+def build_digits_dit(**overrides):
+    """The embedded DiT with random weights."""
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(**{**DIT_CONFIG, **overrides})
 
 
 class DigitsClassifier(torch.nn.Module):

@@ -59,12 +59,29 @@ class QuantAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+#: The processors :class:`QuantAttnProcessor` reproduces (diffusers' default self/cross attention: UNets, DiT, PixArt).
+DEFAULT_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0")
+
+
 def install_attention_quant(model: nn.Module, bits: int, symmetric: bool) -> list[str]:
-    """Attach matmul quantizers and the processor to every diffusers Attention; returns their names."""
+    """Attach matmul quantizers and the processor to every diffusers Attention; returns their names.
+
+    Attention with another processor (SD3's joint attention, FLUX's attention modules, ...) is refused in one line
+    rather than silently left in FP or computed the wrong way.
+    """
+    from qdiff.errors import ConfigError
+
     try:
+        from diffusers.models.attention import AttentionModuleMixin
         from diffusers.models.attention_processor import Attention
     except ImportError:  # pragma: no cover
         return []
+    for name, m in model.named_modules():
+        processor = type(getattr(m, "processor", None)).__name__
+        if (processor not in DEFAULT_PROCESSORS if isinstance(m, Attention) else isinstance(m, AttentionModuleMixin)):
+            raise ConfigError(f"quant.attn_bits: {name} ({type(m).__name__} with {processor}) is not supported: attention "
+                              "matmuls are quantized for diffusers' default attention (UNets, DiT, PixArt); leave "
+                              "quant.attn_bits null for this model")
     names = []
     for name, m in model.named_modules():
         if isinstance(m, Attention):

@@ -70,6 +70,10 @@ class QuantConfig:
     split_layers: dict = field(default_factory=dict)
     #: Bits of the first and last layer (weights and input activations); None = same as every other layer.
     first_last_bits: int | None = None
+    #: Bits of the conditioning path (weights and input activations): the timestep/class/text embedding linears and
+    #: the adaLN modulation linears of transformer blocks (:func:`qdiff.quant.wrap.conditioning_layers`). None = the
+    #: same as every other layer (the paper quantizes every layer); 32 keeps them FP. Logged and recorded per run.
+    cond_bits: int | None = None
     #: Per-layer exceptions by name pattern (e.g. the paper's DDIM CIFAR-10 residual convs at 8 bit, act FP).
     overrides: list = field(default_factory=list)
 
@@ -80,6 +84,7 @@ class QuantConfig:
         check_bits(self.act_bits, "quant.act_bits")
         check_bits(self.attn_bits, "quant.attn_bits", allow_none=True)
         check_bits(self.first_last_bits, "quant.first_last_bits", allow_none=True)
+        check_bits(self.cond_bits, "quant.cond_bits", allow_none=True)
         if self.scale_method is not None and self.scale_method not in SCALE_METHODS:
             raise ConfigError(f"quant.scale_method must be one of {SCALE_METHODS} or null, got '{self.scale_method}'")
         if not self.lp > 0:
@@ -87,7 +92,7 @@ class QuantConfig:
         if self.method != "fp" and self.weight_bits in OFF_BITS and self.act_bits in OFF_BITS and self.attn_bits is None:
             self.method = "fp"  # nothing to quantize: a W32A32 grid point is the FP baseline
         if self.method == "fp":  # FP is W32A32 whatever bits the composed config carried
-            self.weight_bits, self.act_bits, self.attn_bits, self.first_last_bits = 32, 32, None, None
+            self.weight_bits, self.act_bits, self.attn_bits, self.first_last_bits, self.cond_bits = 32, 32, None, None, None
         if not isinstance(self.split_layers, dict) or not all(
                 isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0 for k, v in self.split_layers.items()):
             raise ConfigError(f"quant.split_layers must map layer names to a positive channel count, got {self.split_layers!r}")

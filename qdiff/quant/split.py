@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from qdiff.models.base import call
+
 # Ops whose output keeps the channel layout of a same-shaped tensor argument (in-place variants included).
 _CHANNEL_PRESERVING = {
     "group_norm", "batch_norm", "instance_norm", "layer_norm", "rms_norm",
@@ -83,7 +85,7 @@ def find_concat_splits(model: nn.Module, example_inputs: tuple, example_kwargs: 
             hooks.append(m.register_forward_pre_hook(make_hook(name)))
     try:
         with tracker:
-            model(*example_inputs, **(example_kwargs or {}))
+            call(model, *example_inputs, example_kwargs)
     finally:
         for h in hooks:
             h.remove()
@@ -105,7 +107,7 @@ def execution_order(model: nn.Module, example_inputs: tuple, example_kwargs: dic
                     order.append(name)
             hooks.append(m.register_forward_pre_hook(hook))
     try:
-        model(*example_inputs, **(example_kwargs or {}))
+        call(model, *example_inputs, example_kwargs)
     finally:
         for h in hooks:
             h.remove()

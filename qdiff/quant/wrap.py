@@ -32,9 +32,32 @@ class LayerSpec:
     split: int = 0
 
 
+#: Modules whose linears compute the conditioning rather than the features: timestep / class / text embeddings and
+#: the adaLN modulation of transformer blocks (diffusers' class names; matched on any ancestor of a layer).
+CONDITIONING_MODULES = frozenset({
+    "TimestepEmbedding", "LabelEmbedding", "CombinedTimestepLabelEmbeddings", "PixArtAlphaCombinedTimestepSizeEmbeddings",
+    "PixArtAlphaTextProjection", "CombinedTimestepTextProjEmbeddings", "CombinedTimestepGuidanceTextProjEmbeddings",
+    "AdaLayerNorm", "AdaLayerNormZero", "AdaLayerNormZeroSingle", "AdaLayerNormSingle", "AdaLayerNormContinuous",
+    "SD35AdaLayerNormZeroX", "TextImageProjection", "TextTimeEmbedding"})
+#: Layers of the conditioning path by name: DiT's final adaLN modulation is a plain child of the model.
+CONDITIONING_NAMES = ("proj_out_1",)
+
+
+def conditioning_layers(model: nn.Module) -> set[str]:
+    """Quantizable layers on the conditioning path (:data:`CONDITIONING_MODULES`, :data:`CONDITIONING_NAMES`)."""
+    cond_prefixes = [n for n, m in model.named_modules() if n and type(m).__name__ in CONDITIONING_MODULES]
+    out = set()
+    for name, m in model.named_modules():
+        if type(m) in LAYER_REGISTRY or isinstance(m, QuantLayer):
+            if name in CONDITIONING_NAMES or any(name.startswith(p + ".") for p in cond_prefixes):
+                out.add(name)
+    return out
+
+
 def resolve_layer_specs(model: nn.Module, cfg: QuantConfig, splits: dict[str, int], order: list[str] | None) -> list[LayerSpec]:
-    """Per-layer bits after the first/last policy and the overrides (later overrides win)."""
+    """Per-layer bits after the conditioning-path and first/last policies and the overrides (later overrides win)."""
     layers = [(n, m) for n, m in model.named_modules() if type(m) in LAYER_REGISTRY]
+    cond_layers = conditioning_layers(model) if cfg.cond_bits is not None else set()
     if order:
         rank = {n: i for i, n in enumerate(order)}
         executed = sorted((n for n, _ in layers if n in rank), key=rank.get)
@@ -45,6 +68,9 @@ def resolve_layer_specs(model: nn.Module, cfg: QuantConfig, splits: dict[str, in
     for name, m in layers:
         wb = cfg.weight_bits if cfg.quantizes_weights else 32
         ab = cfg.act_bits if cfg.act_bits not in OFF_BITS else 32
+        if name in cond_layers:
+            wb = cfg.cond_bits if wb not in OFF_BITS else wb
+            ab = cfg.cond_bits if ab not in OFF_BITS else ab
         if cfg.first_last_bits is not None and name in first_last:
             wb = cfg.first_last_bits if wb not in OFF_BITS else wb
             ab = cfg.first_last_bits if ab not in OFF_BITS else ab

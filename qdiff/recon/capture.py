@@ -117,8 +117,8 @@ def capture_unit(unit_name: str, fp_model: nn.Module, q_model: nn.Module, calib,
             raise _Stop
 
     def record_output(_m, _args, _kwargs, out):
-        o = out if isinstance(out, torch.Tensor) else out[0]
-        cache.write("target", state["rows"], o)
+        for slot, o in zip(target_slots(len(unit_outputs(out))), unit_outputs(out)):
+            cache.write(slot, state["rows"], o)
         raise _Stop
 
     h_in = src_mod.register_forward_pre_hook(record_inputs, with_kwargs=True)
@@ -137,11 +137,26 @@ def capture_unit(unit_name: str, fp_model: nn.Module, q_model: nn.Module, calib,
     return cache
 
 
+def unit_outputs(out: Any) -> list[torch.Tensor]:
+    """Every tensor a unit returns: one for UNet blocks and layers, both streams for SD3's and FLUX's blocks
+    (``(encoder_hidden_states, hidden_states)``; the last SD3 block's text stream is None and left out)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if hasattr(out, "sample"):
+        return [out.sample]
+    return [o for o in out if isinstance(o, torch.Tensor)]
+
+
+def target_slots(n: int) -> list[str]:
+    """Cache slots of a unit's FP outputs: ``target`` (the first), ``target_1``, ..."""
+    return ["target"] + [f"target_{i}" for i in range(1, n)]
+
+
 def non_finite_message(unit: str, slot: str, what: str, calib, row: int, input_source: str) -> str:
     from qdiff.calib.checks import describe_row
 
     at = f"calibration {describe_row(calib, row)}"
-    if slot == "target":
+    if slot.startswith("target"):
         return (f"reconstruction: the FP model's output of unit '{unit}' is {what} on {at} although the calibration "
                 "data is finite: the FP model itself breaks on this input (check its weights and this timestep)")
     source = "quantized model (earlier units already quantized)" if input_source == "quantized" else "FP model"

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from qdiff.errors import DataError
 from qdiff.quant.adaround import AdaRoundQuantizer
-from qdiff.recon.capture import UnitCache, unit_call_args
+from qdiff.recon.capture import UnitCache, target_slots, unit_call_args, unit_outputs
 from qdiff.recon.config import ReconConfig
 
 #: Losses are read back and logged every LOG_EVERY optimisation steps (and at the last one).
@@ -26,9 +26,15 @@ LOG_EVERY = 25
 
 
 def lp_loss(pred: torch.Tensor, target: torch.Tensor, p: float = 2.0) -> torch.Tensor:
-    """BRECQ's reconstruction loss: |pred - target|^p summed over dim 1, averaged over the rest."""
+    """BRECQ's reconstruction loss: |pred - target|^p summed over the channels, averaged over the rest. Channels are
+    dim 1 of feature maps [B, C, H, W] and the last dim of token sequences [B, L, D] (and of [B, D])."""
     d = pred - target
-    return (d.square() if p == 2 else d.abs().pow(p)).sum(1).mean()
+    return (d.square() if p == 2 else d.abs().pow(p)).sum(1 if d.dim() == 4 else -1).mean()
+
+
+def unit_loss(outs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+    """The loss of every output of a unit (both streams of a joint-attention block), summed."""
+    return sum(lp_loss(o.float(), t.float()) for o, t in zip(outs, targets))
 
 
 class _RandomRows(IterableDataset):
@@ -93,11 +99,11 @@ class ReconModule(pl.LightningModule):
         rel = (step - start) / max(1.0, self.steps - start)
         return self.cfg.b_end + (self.cfg.b_start - self.cfg.b_end) * max(0.0, 1.0 - rel)
 
-    def unit_output(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def unit_output(self, rows: np.ndarray) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The unit's outputs on cached rows and their FP targets."""
         args, kwargs = unit_call_args(self.cache, rows, self.calib, self.sample_idx, self.device)
-        out = self.unit(*args, **kwargs)
-        out = out if isinstance(out, torch.Tensor) else out[0]
-        return out, self.cache.read("target", rows, self.device)
+        outs = unit_outputs(self.unit(*args, **kwargs))
+        return outs, [self.cache.read(s, rows, self.device) for s in target_slots(len(outs))]
 
     def training_step(self, rows, batch_idx):
         opt = self.optimizers()
@@ -105,8 +111,8 @@ class ReconModule(pl.LightningModule):
         with ExitStack() as stack:
             for q in self.adaround:
                 stack.enter_context(q.step_h())
-            out, target = self.unit_output(np.asarray(rows))
-            rec = lp_loss(out.float(), target.float())
+            outs, targets = self.unit_output(np.asarray(rows))
+            rec = unit_loss(outs, targets)
             loss = rec
             b = self.temperature(step) if self.phase == "weights" else None
             round_loss = torch.zeros((), device=rec.device)

@@ -69,36 +69,58 @@ class ProbeScore:
         return d.transpose(0, 1).flatten(1).mean(1), float((d ** 2).mean())
 
 
+def bias_channels(n_bias: int, channels: int, period: int | None = None) -> torch.Tensor | None:
+    """The sample channel each entry of the output layer's bias writes to (-1: none), or None when unknown.
+
+    A conv output layer has one bias per channel. A transformer's final linear has one per (patch position,
+    channel): DiT unpatchifies ``(p, q, channel)`` with the channel fastest, so entry j feeds channel j % period,
+    ``period`` being the network's output channels (twice the sample's with a learned variance, whose second
+    half feeds no sample channel).
+    """
+    if n_bias == channels:
+        return torch.arange(channels)
+    period = period or channels
+    if period < channels or n_bias % period:
+        return None
+    j = torch.arange(n_bias) % period
+    return torch.where(j < channels, j, torch.full_like(j, -1))
+
+
 @torch.no_grad()
-def match_output_mean(q_model: nn.Module, layer_name: str, score: ProbeScore, iters: int = 3) -> dict:
+def match_output_mean(q_model: nn.Module, layer_name: str, score: ProbeScore, iters: int = 3,
+                      period: int | None = None) -> dict:
     """Shift ``layer_name``'s bias so the probe samples' per-channel mean matches FP; returns a report.
 
     Each channel's mean deviation is treated as a function of that channel's bias shift alone and solved
-    by secant steps; the evaluated shift with the smallest deviation is kept. The report's ``probe_mse`` is
-    the final model's probe MSE vs FP (read from the run that evaluated the kept shift).
+    by secant steps; the evaluated shift with the smallest deviation is kept. Where the layer has several bias
+    entries per sample channel (a transformer's patch outputs, :func:`bias_channels`; ``period``: the network's
+    output channels) they move together. The report's ``probe_mse`` is the final model's probe MSE vs FP (read
+    from the run that evaluated the kept shift).
     """
     layer = q_model.get_submodule(layer_name)
     if not isinstance(layer, QuantLayer) or layer.bias is None:
         log.warning("output bias match: %s has no bias; skipped", layer_name)
         return {"layer": layer_name, "skipped": "no bias", "probe_mse": score.mse(q_model)}
     b0 = layer.bias.detach().clone()
-    channels = b0.numel()
-
-    def dev(shift: torch.Tensor) -> tuple[torch.Tensor, float]:
-        layer.bias.data = b0 + shift.to(b0)
-        return score.compare(q_model)
-
-    zero = torch.zeros(channels)
-    f0, mse0 = dev(zero)
+    f0, mse0 = score.compare(q_model)
     if not (torch.isfinite(f0).all() and math.isfinite(mse0)):
-        layer.bias.data = b0
         raise DataError(f"output bias match: the quantized model's samples of the calibration trajectories end "
                         f"{kind(f0)} (the FP model's are finite): the quantized model diverges when sampling")
-    if f0.numel() != channels:
-        layer.bias.data = b0
-        log.warning("output bias match: %s has %d output channels, samples have %d; skipped", layer_name, channels, f0.numel())
-        return {"layer": layer_name, "skipped": f"{channels} output channels vs {f0.numel()} sample channels",
+    where = bias_channels(b0.numel(), f0.numel(), period) if score.ref.dim() == 4 else None  # not packed tokens
+    if where is None:
+        log.warning("output bias match: %s has %d outputs, which do not map onto the samples' %d channels; skipped",
+                    layer_name, b0.numel(), f0.numel())
+        return {"layer": layer_name, "skipped": f"{b0.numel()} outputs vs {f0.numel()} sample channels",
                 "probe_mse": mse0}
+
+    def apply(shift: torch.Tensor) -> None:
+        layer.bias.data = b0 + torch.where(where >= 0, shift[where.clamp_min(0)], torch.zeros_like(shift[:1])).to(b0)
+
+    def dev(shift: torch.Tensor) -> tuple[torch.Tensor, float]:
+        apply(shift)
+        return score.compare(q_model)
+
+    zero = torch.zeros(f0.numel())
     tried = [(zero, f0, mse0)]
     d0, d1 = zero, -f0  # first guess: unit gain from bias to sample mean
     for _ in range(max(1, iters)):
@@ -112,7 +134,7 @@ def match_output_mean(q_model: nn.Module, layer_name: str, score: ProbeScore, it
         slope = torch.where(df.abs() > 1e-12, (d1 - d0) / df, torch.zeros_like(df))
         d0, d1 = d1, d1 - f1 * slope
     best_shift, best_dev, best_mse = min(tried, key=lambda p: float((p[1] ** 2).sum()))
-    layer.bias.data = b0 + best_shift.to(b0)
+    apply(best_shift)
     return {"layer": layer_name, "bias_shift": [round(float(v), 6) for v in best_shift],
             "mean_dev_before": [round(float(v), 6) for v in f0], "mean_dev_after": [round(float(v), 6) for v in best_dev],
             "probe_runs": len(tried), "probe_mse": best_mse}

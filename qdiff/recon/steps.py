@@ -27,7 +27,7 @@ from qdiff.errors import DataError
 from qdiff.quant.config import QuantConfig
 from qdiff.quant.layers import QuantLayer
 from qdiff.quant.wrap import act_quantizers, activations_fp
-from qdiff.recon.capture import UnitCache, capture_unit, unit_call_args
+from qdiff.recon.capture import UnitCache, capture_unit, target_slots, unit_call_args, unit_outputs
 from qdiff.recon.config import ReconConfig
 from qdiff.recon.units import Unit
 
@@ -233,7 +233,8 @@ class OutputBiasMatch:
         t = time.perf_counter()
         n = ctx.cfg.probe_samples
         score = ProbeScore(lambda unet: ctx.calib.final_latents(unet, n), ctx.fp_model)
-        res = match_output_mean(ctx.q_model, self.layer, score)
+        period = getattr(getattr(ctx.fp_model, "config", None), "out_channels", None)  # a transformer's patch outputs
+        res = match_output_mean(ctx.q_model, self.layer, score, period=period)
         rep = StepReport(self.name, self.layer, "layer", 1, optimize_seconds=round(time.perf_counter() - t, 2))
         # the model is final here: its probe MSE is recorded with the step (a resumed run reads it back)
         rep.extra = {"bias_match": res, "layer": self.layer, "probe_mse_final": round(res.pop("probe_mse"), 6)}
@@ -249,7 +250,7 @@ class OutputBiasMatch:
 
 @torch.no_grad()
 def _eval_mse(unit_mod: nn.Module, cache: UnitCache, ctx: Context) -> float:
-    from qdiff.recon.module import lp_loss
+    from qdiff.recon.module import unit_loss
 
     rows = np.arange(min(EVAL_ROWS, cache.n))
     total = 0.0
@@ -257,6 +258,6 @@ def _eval_mse(unit_mod: nn.Module, cache: UnitCache, ctx: Context) -> float:
         r = rows[s:s + 64]
         args, kwargs = unit_call_args(cache, r, ctx.calib, ctx.sample_idx, ctx.device)
         out = unit_mod(*args, **kwargs)
-        out = out if isinstance(out, torch.Tensor) else out[0]
-        total += float(lp_loss(out.float(), cache.read("target", r, ctx.device).float())) * len(r)
+        outs = unit_outputs(out)
+        total += float(unit_loss(outs, [cache.read(s, r, ctx.device) for s in target_slots(len(outs))])) * len(r)
     return total / len(rows)

@@ -1,7 +1,7 @@
 """What gets reconstructed together: blocks (residual / transformer blocks) and single layers.
 
-Blocks come from a registry of module classes (diffusers' ResnetBlock2D, Attention, BasicTransformerBlock
-by default; ``register_block`` adds more) or from name patterns in the config, so any network works.
+Blocks come from a registry of module classes (diffusers' ResnetBlock2D, Attention and its transformer blocks by
+default: :data:`DIFFUSERS_BLOCKS`; ``register_block`` adds more) or from name patterns in the config, so any network works.
 The top-most matching module wins; quantized layers outside every block are reconstructed one at a time.
 Units are ordered by when they first run in a forward pass.
 """
@@ -27,15 +27,27 @@ def register_block(cls: type) -> type:
     return cls
 
 
+#: diffusers' blocks, by module and class: UNets (ResnetBlock2D, Attention), DiT and PixArt (BasicTransformerBlock),
+#: SD3 (JointTransformerBlock), FLUX (double- and single-stream blocks), Sana.
+DIFFUSERS_BLOCKS = (
+    ("diffusers.models.resnet", "ResnetBlock2D"),
+    ("diffusers.models.attention_processor", "Attention"),
+    ("diffusers.models.attention", "BasicTransformerBlock"),
+    ("diffusers.models.attention", "JointTransformerBlock"),
+    ("diffusers.models.transformers.transformer_flux", "FluxTransformerBlock"),
+    ("diffusers.models.transformers.transformer_flux", "FluxSingleTransformerBlock"),
+    ("diffusers.models.transformers.sana_transformer", "SanaTransformerBlock"),
+)
+
+
 def _register_diffusers_blocks() -> None:
-    try:
-        from diffusers.models.attention import BasicTransformerBlock
-        from diffusers.models.attention_processor import Attention
-        from diffusers.models.resnet import ResnetBlock2D
-    except ImportError:  # pragma: no cover
-        return
-    for cls in (ResnetBlock2D, Attention, BasicTransformerBlock):
-        register_block(cls)
+    import importlib
+
+    for module, name in DIFFUSERS_BLOCKS:
+        try:
+            register_block(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # pragma: no cover - another diffusers version
+            continue
 
 
 _register_diffusers_blocks()

@@ -79,10 +79,17 @@ def guided_eps(unet: nn.Module, x_in: torch.Tensor, t: torch.Tensor, cond: dict 
                guidance: float) -> torch.Tensor:
     """Noise prediction with classifier-free guidance when an unconditional branch is given."""
     if uncond is None or guidance == 1.0:
-        return eps(unet, x_in, t, cond)
+        return noise_part(eps(unet, x_in, t, cond), x_in)
     both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
-    e_u, e_c = eps(unet, torch.cat([x_in, x_in]), torch.cat([t, t]), both).chunk(2)
+    e_u, e_c = noise_part(eps(unet, torch.cat([x_in, x_in]), torch.cat([t, t]), both), x_in).chunk(2)
     return e_u + guidance * (e_c - e_u)
+
+
+def noise_part(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The noise estimate of a model that also predicts its variance (DiT-XL/2, PixArt: 2C output channels, the
+    first C are eps), as their pipelines take it; other models' output as it is."""
+    c = x.shape[1]
+    return e[:, :c] if e.dim() == x.dim() and e.shape[1] == 2 * c else e
 
 
 def step_kwargs(sched, cfg: SamplerConfig, generator: torch.Generator | None) -> dict:
@@ -156,8 +163,12 @@ def batch_generator(seed: int, batch: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed * 1_000_003 + batch)
 
 
-def prompt_conditioning(model: DiffusionModel, prompts: Sequence[str], device) -> tuple[dict | None, dict | None]:
-    """(cond, uncond) kwargs for a batch of prompts; (None, None) for unconditional models."""
+def prompt_conditioning(model: DiffusionModel, prompts: Sequence, device) -> tuple[dict | None, dict | None]:
+    """(cond, uncond) kwargs for a batch of prompts (text models: the empty prompt is the unconditional branch) or
+    class labels (class-conditional models: the null class is); (None, None) for unconditional models."""
+    if model.is_class_conditional:
+        labels = torch.as_tensor([int(p) for p in prompts], dtype=torch.long, device=device)
+        return {"class_labels": labels}, {"class_labels": torch.full_like(labels, model.num_classes)}
     if not model.is_text_guided:
         return None, None
     c = model.encode_prompts(list(prompts)).to(device)
@@ -176,8 +187,9 @@ def generate(
     ``noise``: the x_T to start from (default: :func:`initial_noise` of ``seed``), e.g. the first rows of a
     larger run's noise, so that a figure compares models on the same starting points.
     """
-    if model.is_text_guided and (prompts is None or len(prompts) < n):
-        raise ValueError(f"{model.name} is text-guided: need {n} prompts, got {0 if prompts is None else len(prompts)}")
+    if model.is_conditional and (prompts is None or len(prompts) < n):
+        raise ValueError(f"{model.name} is conditional: need {n} prompts or class labels, got "
+                         f"{0 if prompts is None else len(prompts)}")
     noise = initial_noise(model.sample_shape, n, seed) if noise is None else noise[:n]
     n_batches = (n + cfg.batch_size - 1) // cfg.batch_size
     bar = tqdm(total=n_batches * cfg.steps, desc=desc, unit="step", disable=not progress, leave=False)
