@@ -18,31 +18,13 @@ from transformers import (
     CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast, T5Config, T5EncoderModel,
 )
 
-from qdiff.models.paper.text import char_tokenizer
+__all__ = ["CALL_KWARGS", "KINDS", "t5_char_tokenizer", "tiny_pipeline", "tiny_transformer_pipeline"]
+
+from qdiff.models.paper.text import char_tokenizer, t5_char_tokenizer
 
 KINDS = ("dit", "pixart_sigma", "sd3", "flux")
 TEXT_DIM = 32  # hidden size of every tiny text encoder (CLIP: also its projection; T5: d_model)
 CLIP_MAX_LENGTH = 77  # as the real CLIP tokenizers; the T5 length is the pipeline call's max_sequence_length
-
-
-def t5_char_tokenizer(max_length: int = 512) -> PreTrainedTokenizerFast:
-    """A T5-shaped, character-level tokenizer: ``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2, no BOS, ``</s>`` appended.
-
-    The same lower-cased printable-ASCII vocabulary as :func:`~qdiff.models.paper.text.char_tokenizer`, with
-    T5's special tokens, so PixArt-Σ and FLUX get T5's padding (id 0) and attention masks.
-    """
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for ch in (chr(i).lower() for i in range(32, 127)):
-        vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=max_length,
-    )
 
 
 def _clip(tokenizer: PreTrainedTokenizerFast, with_projection: bool) -> CLIPTextModel | CLIPTextModelWithProjection:

@@ -1,4 +1,5 @@
-"""The paper's four models: architectures, random-init smoke tests, original-checkpoint conversion, errors.
+"""The paper's four models and the transformers DiT-XL/2 and PixArt-Σ: architectures, random-init smoke tests (the
+transformers sample as their diffusers pipelines do), original-checkpoint conversion, errors.
 
 CPU only and offline: full-size architectures are built on the meta device (parameter counts only); forward
 passes run on width-reduced variants.
@@ -6,6 +7,7 @@ passes run on width-reduced variants.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -30,16 +32,27 @@ COCO_TSV = "/work/shared/data/coco2014_val_captions.tsv"
 # - ldm_bedroom:  LDM paper (Rombach et al. 2022) hyperparameter table, LDM-4 LSUN-Bedrooms "274M".
 # - ldm_church:   LDM paper, LDM-8 LSUN-Churches "294M" (294.97M; the paper truncates).
 # - sd14:         CompVis/stable-diffusion-v1-4 UNet2DConditionModel, 859,520,964.
+# - dit_xl2_256:  DiTTransformer2DModel as diffusers builds it, with the timestep/class embedder copied into each of the
+#                 28 blocks; the DiT paper's 675M is the original model's count (DIT_PAPER_PARAMS below).
+# - pixart_sigma: PixArtTransformer2DModel (1024 px, no micro-conditions), the PixArt-Σ paper's "0.6B".
 UNET_PARAMS = {
     "ddim_cifar10": 35_746_307,
     "ldm_bedroom": 274_056_163,
     "ldm_church": 294_966_916,
     "sd14": 859_520_964,
+    "dit_xl2_256": 749_826_464,
+    "pixart_sigma": 610_856_096,
 }
-# First stages: VQ-f4 (latent-diffusion vq-f4, 55.3M) and KL-f8 (kl-f8 = SD v1 VAE, 83,653,863);
-# SD's text encoder is CLIP ViT-L/14's text tower (123,060,480).
-FIRST_STAGE_PARAMS = {"ldm_bedroom": 55_322_782, "ldm_church": 83_653_863, "sd14": 83_653_863}
+# First stages: VQ-f4 (latent-diffusion vq-f4, 55.3M) and KL-f8 (kl-f8 = SD v1 VAE = sd-vae-ft-ema = SDXL's VAE
+# architecture, 83,653,863). Text encoders: SD's is CLIP ViT-L/14's text tower (123,060,480), PixArt-Σ's T5 v1.1 XXL's
+# encoder (4,762,310,656).
+FIRST_STAGE_PARAMS = {"ldm_bedroom": 55_322_782, "ldm_church": 83_653_863, "sd14": 83_653_863,
+                      "dit_xl2_256": 83_653_863, "pixart_sigma": 83_653_863}
 SD_TEXT_PARAMS = 123_060_480
+TEXT_PARAMS = {"sd14": SD_TEXT_PARAMS, "pixart_sigma": 4_762_310_656}
+# DiT-XL/2 as the DiT paper counts it (the original model: one timestep/class embedder, and its fixed sin-cos position
+# embedding stored as a parameter).
+DIT_PAPER_PARAMS = 675_129_632
 
 _VAE_TINY = dict(
     vae_block_out_channels=[32, 32], vae_down_block_types=["DownEncoderBlock2D"] * 2,
@@ -69,7 +82,18 @@ TINY = {
         text_hidden_size=32, text_intermediate_size=64, text_num_hidden_layers=2, text_num_attention_heads=4,
         text_projection_dim=32, text_vocab_size=128, **_VAE_TINY,
     ),
+    # two blocks, 2 heads of 16; learned sigma, adaLN-Zero over 1000 classes + null class
+    "dit_xl2_256": dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, sample_size=8, **_VAE_TINY),
+    # two blocks, adaLN-single, cross-attention to a 2-layer T5 encoder (d_model 32) through the caption projection
+    "pixart_sigma": dict(
+        num_layers=2, num_attention_heads=2, attention_head_dim=16, sample_size=8, cross_attention_dim=32,
+        caption_channels=32, text_d_model=32, text_d_kv=8, text_d_ff=64, text_num_layers=2, text_num_heads=4,
+        text_vocab_size=128, text_relative_attention_num_buckets=8, **_VAE_TINY,
+    ),
 }
+#: The UNet models (original checkpoints converted here); the transformers load from diffusers folders only.
+UNETS = [n for n in TINY if paper.PAPER_MODELS[n].unet_class.startswith("UNet")]
+TRANSFORMERS = [n for n in TINY if n not in UNETS]
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,9 +113,11 @@ def _one_thread() -> Iterator[None]:
 
 
 def _cond(model: DiffusionModel, n: int) -> dict:
+    if model.is_class_conditional:
+        return {"class_labels": torch.tensor([207, 1000])[:n]}  # a class and the null class
     if not model.is_text_guided:
         return {}
-    return {"encoder_hidden_states": model.encode_prompts(["a red bus on a street", "two cats"][:n])}
+    return model.text_conditioning(["a red bus on a street", "two cats"][:n])
 
 
 def _single_line(e: pytest.ExceptionInfo) -> str:
@@ -106,13 +132,21 @@ def _single_line(e: pytest.ExceptionInfo) -> str:
 
 @pytest.mark.parametrize("name", list(UNET_PARAMS))
 def test_full_size_architectures_match_official_parameter_counts(name):
+    spec = paper.PAPER_MODELS[name]
     with torch.device("meta"):
         unet = paper.build_unet(name)
         assert paper.n_params(unet) == UNET_PARAMS[name]
         if name in FIRST_STAGE_PARAMS:
             assert paper.n_params(paper.build_first_stage(name)) == FIRST_STAGE_PARAMS[name]
-        if name == "sd14":
-            assert paper.n_params(paper.build_text_encoder(paper.SD14_TEXT)) == SD_TEXT_PARAMS
+        if name in TEXT_PARAMS:
+            assert paper.n_params(paper.build_text_encoder(spec.text, spec.text_kind)) == TEXT_PARAMS[name]
+    if name == "dit_xl2_256":  # diffusers copies the timestep MLP and class table into each block's adaLN-Zero
+        emb = paper.n_params(unet.transformer_blocks[0].norm1.emb)
+        assert emb == (256 * 1152 + 1152) + (1152 * 1152 + 1152) + 1001 * 1152
+        assert UNET_PARAMS[name] - 27 * emb + unet.pos_embed.pos_embed.numel() == DIT_PAPER_PARAMS
+        assert unet.pos_embed.pos_embed.shape == (1, 256, 1152)  # 16x16 patches of 2x2 latent pixels
+    if name == "pixart_sigma":
+        assert unet.pos_embed.pos_embed.shape == (1, 4096, 1152) and unet.caption_projection.linear_1.in_features == 4096
 
 
 def test_church_unet_uses_eight_heads_at_every_width():
@@ -140,6 +174,7 @@ def test_model_config_files_pick_the_papers_sampler_and_calibration(name):
     assert (cfg.calib.c, cfg.calib.n) == (p["calib"]["c"], p["calib"]["n"])
     assert p["calib"]["N"] == p["calib"]["n"] * p["calib"]["T"] // p["calib"]["c"] and p["calib"]["T"] == p["steps"]
     assert model_cfg.guidance_scale == p.get("guidance_scale", 1.0)
+    assert model_cfg.source == paper.PAPER_MODELS[name].default_source
 
 
 # --- random-init smoke tests ---------------------------------------------------------------------------------
@@ -153,7 +188,8 @@ def test_width_reduced_random_init_predicts_noise_and_decodes(name):
     t = torch.tensor([1, 999])
     with torch.no_grad():
         eps = model_eps(model.unet, x, t, _cond(model, 2))
-    assert eps.shape == x.shape and torch.isfinite(eps).all()
+    learned_sigma = name in TRANSFORMERS  # eps and the variance: 2C channels, the sampler takes the first C
+    assert eps.shape == (2, 2 * c if learned_sigma else c, h, w) and torch.isfinite(eps).all()
     img = model.decode(x)
     side = 16 if model.is_latent else 8
     assert img.shape == (2, 3, side, side) and img.abs().max() <= 1
@@ -161,7 +197,8 @@ def test_width_reduced_random_init_predicts_noise_and_decodes(name):
     assert model.eval_kind == "inception" and model.real_images is None
     sched = model.scheduler_config
     assert sched["num_train_timesteps"] == 1000 and sched["prediction_type"] == "epsilon"
-    assert model.is_latent == (name != "ddim_cifar10") and model.is_text_guided == (name == "sd14")
+    assert model.is_latent == (name != "ddim_cifar10") and model.is_text_guided == (name in ("sd14", "pixart_sigma"))
+    assert model.num_classes == (1000 if name == "dit_xl2_256" else None)
 
 
 def test_paper_schedules_and_latent_scales():
@@ -171,6 +208,13 @@ def test_paper_schedules_and_latent_scales():
     assert sd.latent_scale == 0.18215 and sd.guidance_scale == 7.5
     assert sd.scheduler_config["beta_schedule"] == "scaled_linear" and sd.scheduler_config["beta_start"] == 0.00085
     assert sd.meta["paper"]["calib"] == {"T": 50, "c": 2, "n": 256, "N": 6400}
+    dit = tiny("dit_xl2_256")
+    assert dit.latent_scale == 0.18215 and dit.guidance_scale == 7.5  # ModelConfig's default; the config file sets 1.5
+    assert dit.scheduler_config["beta_schedule"] == "linear" and dit.scheduler_config["set_alpha_to_one"] is True
+    assert dit.meta["resolution"] == 16 and dit.meta["paper"]["calib"] == {"T": 50, "c": 5, "n": 256, "N": 2560}
+    pixart = tiny("pixart_sigma")
+    assert pixart.latent_scale == 0.13025 and pixart.scheduler_config["beta_end"] == 0.02
+    assert pixart.meta["paper"]["sampler"] == "dpm_solver" and pixart.meta["paper"]["guidance_scale"] == 4.5
 
 
 def test_sd14_tiny_text_path_encodes_real_coco_captions():
@@ -187,6 +231,59 @@ def test_sd14_tiny_text_path_encodes_real_coco_captions():
     assert eps.shape == x.shape
 
 
+def test_pixart_sigma_prompts_give_t5_states_and_mask_as_its_pipeline_encodes_them():
+    from diffusers import PixArtSigmaPipeline
+
+    model = tiny("pixart_sigma")
+    prompts = sample_prompts(load_captions(COCO_TSV), 3, seed=0)
+    cond = model.encode_prompts(prompts)
+    assert set(cond) == {"encoder_hidden_states", "encoder_attention_mask"}
+    emb, mask = cond["encoder_hidden_states"], cond["encoder_attention_mask"]
+    assert emb.shape == (3, 300, 32) and mask.shape == (3, 300) and mask.dtype == torch.long
+    assert mask.sum(1).tolist() == [len(p.strip()) + 1 for p in prompts]  # one token per character, and </s>
+    pipe = PixArtSigmaPipeline(tokenizer=model.encode_prompts.tokenizer, text_encoder=model.text_encoder, vae=model.vae,
+                               transformer=model.unet, scheduler=None)
+    with torch.no_grad():
+        want = pipe.encode_prompt(prompts, do_classifier_free_guidance=True, negative_prompt="", device="cpu",
+                                  clean_caption=False, max_sequence_length=300)
+    assert torch.equal(emb, want[0]) and torch.equal(mask, want[1])
+    empty = model.text_conditioning([""] * 3)
+    assert torch.equal(empty["encoder_hidden_states"], want[2]) and torch.equal(empty["encoder_attention_mask"], want[3])
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_random_init_transformer_samples_what_its_diffusers_pipeline_samples(name):
+    """Same noise, scheduler and guidance: qdiff's sampler and DiTPipeline / PixArtSigmaPipeline give the same images
+    (class labels and the null class 1000; T5 states, their mask and the empty prompt; learned sigma dropped)."""
+    from diffusers import DiTPipeline, PixArtSigmaPipeline
+
+    from qdiff.sampling import SamplerConfig, generate
+    from qdiff.sampling.samplers import build_scheduler
+
+    model = tiny(name)
+    model = dataclasses.replace(model, guidance_scale=paper.PAPER_MODELS[name].paper["guidance_scale"])
+    sampler = SamplerConfig(name=model.meta["paper"]["sampler"], steps=3, batch_size=2)
+    sched = build_scheduler(sampler, model.scheduler_config)
+    g = torch.Generator().manual_seed(5)
+    if name == "dit_xl2_256":
+        labels = [207, 360]
+        ours = generate(model, model.unet, sampler, 2, seed=5, prompts=labels, progress=False)
+        pipe = DiTPipeline(transformer=model.unet, vae=model.vae, scheduler=sched)
+        theirs = pipe(class_labels=labels, guidance_scale=model.guidance_scale, generator=g, num_inference_steps=3,
+                      output_type="np").images
+    else:
+        prompts = ["A red bus on a street.", "Two cats on a sofa"]
+        ours = generate(model, model.unet, sampler, 2, seed=5, prompts=prompts, progress=False)
+        pipe = PixArtSigmaPipeline(tokenizer=model.encode_prompts.tokenizer, text_encoder=model.text_encoder,
+                                   vae=model.vae, transformer=model.unet, scheduler=sched)
+        theirs = pipe(prompt=prompts, guidance_scale=model.guidance_scale, generator=g, num_inference_steps=3,
+                      height=16, width=16, use_resolution_binning=False, clean_caption=False, max_sequence_length=300,
+                      output_type="np").images
+    theirs = torch.from_numpy(theirs).permute(0, 3, 1, 2)
+    assert ours.shape == theirs.shape == (2, 3, 16, 16)
+    assert torch.allclose(ours / 2 + 0.5, theirs, atol=1e-5), (ours / 2 + 0.5 - theirs).abs().max()
+
+
 # --- original checkpoint conversion ---------------------------------------------------------------------------
 
 def _assert_same_state(a: dict, b: dict) -> None:
@@ -195,7 +292,7 @@ def _assert_same_state(a: dict, b: dict) -> None:
         assert a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("name", UNETS)
 def test_diffusers_original_round_trip_is_exact(name):
     model = tiny(name)
     layout = "ddpm" if name == "ddim_cifar10" else "ldm"
@@ -418,7 +515,7 @@ def _original_file(model: DiffusionModel, path: Path, fmt: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["ckpt", "safetensors"])
-@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("name", UNETS)
 def test_original_checkpoint_file_reproduces_outputs(name, fmt, tmp_path):
     ref = tiny(name)
     path = tmp_path / f"model.{fmt}"
@@ -471,11 +568,14 @@ def test_diffusers_folder_source_loads_the_same_model(name, tmp_path):
     ref = tiny(name)
     if name == "ddim_cifar10":  # google/ddpm-cifar10-32 keeps the UNet at the repository root
         ref.unet.save_pretrained(tmp_path)
-    else:
-        ref.unet.save_pretrained(tmp_path / "unet")
+    else:  # DiTPipeline and PixArtSigmaPipeline folders keep theirs in transformer/
+        ref.unet.save_pretrained(tmp_path / ("transformer" if name in TRANSFORMERS else "unet"))
         (tmp_path / "model_index.json").write_text("{}")
-    if ref.vae is not None:  # LDMPipeline calls the first stage "vqvae", StableDiffusionPipeline "vae"
-        ref.vae.save_pretrained(tmp_path / ("vae" if name == "sd14" else "vqvae"))
+    if ref.vae is not None:  # LDMPipeline calls the first stage "vqvae", the others "vae"
+        ref.vae.save_pretrained(tmp_path / ("vqvae" if name.startswith("ldm_") else "vae"))
+    if name == "pixart_sigma":  # T5 encoder and tokenizer as save_pretrained writes them
+        ref.text_encoder.save_pretrained(tmp_path / "text_encoder")
+        ref.encode_prompts.tokenizer.save_pretrained(tmp_path / "tokenizer")
     x, t = torch.randn(2, *ref.sample_shape), torch.tensor([7, 700])
     if name == "sd14":
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -487,8 +587,9 @@ def test_diffusers_folder_source_loads_the_same_model(name, tmp_path):
             projection_dim=32, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         ))
         text.save_pretrained(tmp_path / "text_encoder")
-    loaded = load_model(ModelConfig(name=name, source=str(tmp_path)))
+    loaded = load_model(ModelConfig(name=name, source=str(tmp_path), guidance_scale=1.5))
     assert loaded.meta["format"] == "diffusers"
+    assert loaded.num_classes == ref.num_classes and loaded.guidance_scale == (1.5 if ref.is_conditional else 1.0)
     cond = _cond(ref, 2)
     with torch.no_grad():
         assert torch.equal(model_eps(ref.unet, x, t, cond), model_eps(loaded.unet, x, t, cond))
@@ -502,6 +603,10 @@ def test_diffusers_folder_source_loads_the_same_model(name, tmp_path):
         assert isinstance(loaded.encode_prompts.tokenizer, CLIPTokenizer)
         emb = loaded.encode_prompts(sample_prompts(load_captions(COCO_TSV), 4, seed=1))
         assert emb.shape == (4, 77, 32)
+    if name == "pixart_sigma":
+        prompts = sample_prompts(load_captions(COCO_TSV), 4, seed=1)
+        want, got = ref.encode_prompts(prompts), loaded.encode_prompts(prompts)
+        assert all(torch.equal(want[k], got[k]) for k in want) and set(got) == set(want)
 
 
 def test_ema_weights_are_preferred(tmp_path):
@@ -545,6 +650,34 @@ def test_offline_hub_id_fails_fast_with_one_line_pointing_at_a_local_copy(monkey
     with pytest.raises(WeightsNotFoundError, match="model.source=") as e:
         load_model(ModelConfig(name="ddim_cifar10", source="qdiff-tests/ddpm-cifar10-32"))
     _single_line(e)
+    # the transformers' default hub ids; the pre-run check looks for the cached transformer/config.json
+    from qdiff.models.paper import sources
+
+    asked = []
+    monkeypatch.setattr(sources, "hub_cached", lambda repo, subfolders: asked.append((repo, subfolders)) or False)
+    for name, repo in (("dit_xl2_256", "facebook/DiT-XL-2-256"), ("pixart_sigma", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS")):
+        for attempt in (paper.check_source, load_model):
+            with pytest.raises(WeightsNotFoundError) as e:
+                attempt(ModelConfig(name=name))
+            msg = _single_line(e)
+            assert msg.startswith(f"{name}: cannot load '{repo}' (no network or not cached)"), msg
+            assert f"model.source=/path/to/{repo.split('/')[1]}" in msg and "model.random_init=true" in msg
+            assert paper.PAPER_MODELS[name].convert_script in msg  # how to make a diffusers folder of the original
+    assert asked == [("facebook/DiT-XL-2-256", ("transformer",)), ("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", ("transformer",))]
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_transformer_original_checkpoints_are_refused_naming_the_conversion_script(name, tmp_path):
+    ckpt = tmp_path / ("DiT-XL-2-256x256.pt" if name == "dit_xl2_256" else "PixArt-Sigma-XL-2-1024-MS.pth")
+    torch.save({"x_embedder.proj.weight": torch.zeros(1)}, ckpt)
+    not_diffusers = tmp_path / "folder"
+    not_diffusers.mkdir()
+    for source in (ckpt, not_diffusers):
+        for attempt in (paper.check_source, load_model):
+            with pytest.raises(ModelConfigError) as e:
+                attempt(ModelConfig(name=name, source=str(source)))
+            msg = _single_line(e)
+            assert msg.startswith(f"{name}: ") and f"diffusers' {paper.PAPER_MODELS[name].convert_script}" in msg, msg
 
 
 @pytest.mark.parametrize("name,url", [("ldm_bedroom", paper.LSUN_BEDROOMS_URL), ("ldm_church", paper.LSUN_CHURCHES_URL)])
@@ -565,6 +698,17 @@ def test_missing_local_source_and_unknown_arch_key(tmp_path):
         load_model(ModelConfig(name="ldm_bedroom", random_init=True, arch={"block_out_channels": [32, 64]}))
     with pytest.raises(ModelConfigError, match="cross_attention_dim .* must equal text_hidden_size"):
         load_model(ModelConfig(name="sd14", random_init=True, arch={**TINY["sd14"], "cross_attention_dim": 64}))
+    with pytest.raises(ModelConfigError, match=r"accepted: <DiTTransformer2DModel kwarg>, vae_<first-stage kwarg>$") as e:
+        load_model(ModelConfig(name="dit_xl2_256", random_init=True, arch={"text_d_model": 32}))
+    _single_line(e)
+    with pytest.raises(ModelConfigError, match=r"accepted: .*text_<T5Config field>"):
+        load_model(ModelConfig(name="pixart_sigma", random_init=True, arch={"text_hidden_size": 32}))
+    with pytest.raises(ModelConfigError, match=r"caption_channels \(32\) must equal text_d_model \(64\)"):
+        load_model(ModelConfig(name="pixart_sigma", random_init=True, arch={**TINY["pixart_sigma"], "text_d_model": 64}))
+    with pytest.raises(ModelConfigError, match=r"cross_attention_dim \(32\) must equal num_attention_heads x attention_head_dim \(64\)"):
+        load_model(ModelConfig(name="pixart_sigma", random_init=True, arch={**TINY["pixart_sigma"], "attention_head_dim": 32}))
+    with pytest.raises(ModelConfigError, match="sample_size 9 is not divisible by patch_size 2"):
+        load_model(ModelConfig(name="dit_xl2_256", random_init=True, arch={**TINY["dit_xl2_256"], "sample_size": 9}))
 
 
 def test_corrupt_and_pickled_checkpoints_give_one_clear_error(tmp_path):

@@ -1,4 +1,4 @@
-"""The paper's four models through the real pipeline, offline: width-reduced random-init variants end to end,
+"""The paper's four models and the transformers DiT-XL/2 and PixArt-Σ through the real pipeline, offline: width-reduced random-init variants end to end,
 full-size split/block detection on the meta device, the paper's layer exceptions and experiment configs,
 text-guided evaluation (CLIP score, prompt grid), disk-streamed reconstruction, mixed precision, offline errors.
 """
@@ -40,10 +40,17 @@ ARCH = {
                  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
                  text_hidden_size=32, text_intermediate_size=64, text_num_hidden_layers=2, text_num_attention_heads=4,
                  text_projection_dim=32, text_vocab_size=128, **_VAE),
+    "dit_xl2_256": dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, sample_size=8, **_VAE),
+    "pixart_sigma": dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, sample_size=8, cross_attention_dim=32,
+                         caption_channels=32, text_d_model=32, text_d_kv=8, text_d_ff=64, text_num_layers=2,
+                         text_num_heads=4, text_vocab_size=128, text_relative_attention_num_buckets=8, **_VAE),
 }
-LATENT_CHANNELS = {"ddim_cifar10": 3, "ldm_bedroom": 3, "ldm_church": 4, "sd14": 4}
+LATENT_CHANNELS = {"ddim_cifar10": 3, "ldm_bedroom": 3, "ldm_church": 4, "sd14": 4, "dit_xl2_256": 4, "pixart_sigma": 4}
 BLOCKS = {"ddim_cifar10": {"ResnetBlock2D", "Attention"}, "ldm_bedroom": {"ResnetBlock2D", "Attention"},
-          "ldm_church": {"ResnetBlock2D", "Attention"}, "sd14": {"ResnetBlock2D", "BasicTransformerBlock"}}
+          "ldm_church": {"ResnetBlock2D", "Attention"}, "sd14": {"ResnetBlock2D", "BasicTransformerBlock"},
+          "dit_xl2_256": {"BasicTransformerBlock"}, "pixart_sigma": {"BasicTransformerBlock"}}
+TRANSFORMERS = ("dit_xl2_256", "pixart_sigma")
+TEXT = ("sd14", "pixart_sigma")
 
 # Tiny sampler / calibration / reconstruction: T=4 steps, c=2 -> 2 kept steps, n=4 -> 8 calibration entries.
 SMALL = ["logger=none", "eval.fid=false", "eval.isc=false", "eval.n_samples=4", "eval.isc_splits=2", "eval.analysis=false",
@@ -62,7 +69,7 @@ def _hydra(v) -> str:
 
 def _model_overrides(name: str) -> list[str]:
     out = [f"model={name}", "model.random_init=true", f"model.arch={_hydra(ARCH[name])}"]
-    return out + ([f"model.prompts={COCO_TSV}"] if name == "sd14" else [])
+    return out + ([f"model.prompts={COCO_TSV}"] if name in TEXT else [])
 
 
 @pytest.fixture(autouse=True)
@@ -101,7 +108,7 @@ def tiny_clip(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("name", list(ARCH))
 def test_paper_model_quantizes_and_samples_end_to_end(name, compose_cfg, tiny_clip):
-    extra = [f"eval.clip_model={tiny_clip}"] if name == "sd14" else []
+    extra = [f"eval.clip_model={tiny_clip}"] if name in TEXT else []
     cfg = compose_cfg(*_model_overrides(name), *SMALL, "quant=w4a8", *extra)
     metrics, objects = run(cfg)
     spec, model, calib = objects["spec"], objects["model"], objects["calib"]
@@ -133,9 +140,10 @@ def test_paper_model_quantizes_and_samples_end_to_end(name, compose_cfg, tiny_cl
             assert all(p.dtype == torch.float32 for p in part.parameters())
     assert model.is_latent == (name != "ddim_cifar10")
 
-    # shortcut splits and reconstruction blocks were found, and reconstruction ran
+    # shortcut splits (UNets: at the up path's skip concatenations; transformers have none) and reconstruction blocks
+    # were found, and reconstruction ran
     splits = metrics["quant_layers"]["split_layers"]
-    assert splits and all(k.startswith("up_blocks.") for k in splits)
+    assert (not splits) if name in TRANSFORMERS else (splits and all(k.startswith("up_blocks.") for k in splits))
     rec = metrics["reconstruction"]
     kinds = Counter(u["module_type"] for u in rec["units"] if u["kind"] == "block")
     assert set(kinds) == BLOCKS[name], kinds
@@ -148,8 +156,14 @@ def test_paper_model_quantizes_and_samples_end_to_end(name, compose_cfg, tiny_cl
     side = 16 if model.is_latent else 8
     assert objects["samples"].shape == (4, 3, side, side) and torch.isfinite(objects["samples"]).all()
 
-    if name == "sd14":
+    if name in TEXT:
         _check_text_guided(metrics, model, calib, spec, out)
+    elif name == "dit_xl2_256":  # class labels 0, 1, ... with the null class 1000 as guidance's unconditional branch
+        assert model.guidance_scale == spec.model.guidance_scale == 1.5 and "clip_score" not in metrics
+        assert len(calib) == 2 * calib.n_entries and set(cond) == {"class_labels"}
+        n = spec.calib.n
+        assert calib.get(range(n))[2]["class_labels"].tolist() == list(range(n))
+        assert calib.get(range(calib.n_entries, calib.n_entries + n))[2]["class_labels"].tolist() == [1000] * n
     else:
         assert "clip_score" not in metrics and cond == {} and len(calib) == calib.n_entries
 
@@ -157,19 +171,25 @@ def test_paper_model_quantizes_and_samples_end_to_end(name, compose_cfg, tiny_cl
 def _check_text_guided(metrics: dict, model, calib, spec, out: Path) -> None:
     from qdiff.models.prompts import load_captions, sample_prompts
 
-    # calibration: real COCO captions, guidance 7.5, conditional and unconditional branch
-    assert model.guidance_scale == spec.model.guidance_scale == 7.5 and calib.meta["text_guided"]
+    # calibration: real COCO captions, the model's guidance, conditional and unconditional branch
+    guidance = {"sd14": 7.5, "pixart_sigma": 4.5}[model.name]
+    assert model.guidance_scale == spec.model.guidance_scale == guidance and calib.meta["text_guided"]
     prompts = sample_prompts(load_captions(COCO_TSV), spec.calib.n, spec.calib.seed)
     assert set(prompts) <= set(load_captions(COCO_TSV))
     n, entries = spec.calib.n, calib.n_entries
-    assert len(calib) == 2 * entries and calib.cond.shape == (entries, 77, 32) and calib.uncond.shape == (1, 77, 32)
+    length = 300 if model.name == "pixart_sigma" else 77  # T5 tokens of PixArt-Σ, CLIP's of SD
+    assert len(calib) == 2 * entries and calib.cond.shape == (entries, length, 32) and calib.uncond.shape == (1, length, 32)
     with torch.no_grad():
-        assert np.allclose(calib.cond[:n], model.encode_prompts(prompts).numpy(), atol=1e-6)
-        assert np.allclose(calib.uncond, model.encode_prompts([""]).numpy(), atol=1e-6)
+        want, empty = model.text_conditioning(prompts), model.text_conditioning([""])
+    assert np.allclose(calib.cond[:n], want["encoder_hidden_states"].numpy(), atol=1e-6)
+    assert np.allclose(calib.uncond, empty["encoder_hidden_states"].numpy(), atol=1e-6)
     xc, tc, cc = calib.get([0])
     xu, tu, cu = calib.get([entries])
-    assert torch.equal(xc, xu) and torch.equal(tc, tu)
+    assert torch.equal(xc, xu) and torch.equal(tc, tu) and set(cc) == set(want)
     assert not torch.equal(cc["encoder_hidden_states"], cu["encoder_hidden_states"])
+    if model.name == "pixart_sigma":  # T5's attention mask travels with the states, for both branches
+        assert torch.equal(calib.get(range(n))[2]["encoder_attention_mask"], want["encoder_attention_mask"])
+        assert torch.equal(cu["encoder_attention_mask"], empty["encoder_attention_mask"])
     # evaluation: CLIP score of quantized and FP samples, and the fixed-prompt grid
     assert isinstance(metrics["clip_score"], float) and isinstance(metrics["fp"]["clip_score"], float)
     grid = metrics["text_eval"]["prompts_grid"]
@@ -224,12 +244,18 @@ def test_clip_score_and_grid_settings_are_validated(compose_cfg):
 
 # --- full-size architectures on the meta device -------------------------------------------------------------------
 
-# (quantized layers, split layers, {block type: count}, layers reconstructed alone) of each full-size UNet.
+# (quantized layers, split layers, {block type: count}, layers reconstructed alone) of each full-size UNet or
+# transformer. DiT-XL/2: 9 layers per block (its own copy of the timestep MLP, the adaLN-Zero linear, q/k/v/out, the
+# MLP's two) + patch embedding and the two output linears; PixArt-Σ: 10 per block (self- and cross-attention q/k/v/out,
+# the MLP's two) + patch embedding, the shared timestep MLP and adaLN-single linear, the caption projection's two
+# linears and the output linear.
 FULL_SIZE = {
     "ddim_cifar10": (113, 24, {"ResnetBlock2D": 22, "Attention": 6}, 10),
     "ldm_bedroom": (155, 24, {"ResnetBlock2D": 22, "Attention": 16}, 10),
     "ldm_church": (210, 30, {"ResnetBlock2D": 35, "Attention": 21}, 4),
     "sd14": (282, 24, {"ResnetBlock2D": 22, "BasicTransformerBlock": 16}, 42),
+    "dit_xl2_256": (255, 0, {"BasicTransformerBlock": 28}, 3),
+    "pixart_sigma": (287, 0, {"BasicTransformerBlock": 28}, 7),
 }
 
 
@@ -241,7 +267,14 @@ def _meta_unet(name: str):
     c = unet.config
     x = torch.zeros(2, c.in_channels, c.sample_size, c.sample_size, device="meta")
     t = torch.zeros(2, dtype=torch.long, device="meta")
-    cond = {"encoder_hidden_states": torch.zeros(2, 77, c.cross_attention_dim, device="meta")} if name == "sd14" else {}
+    cond = {}
+    if name == "sd14":
+        cond = {"encoder_hidden_states": torch.zeros(2, 77, c.cross_attention_dim, device="meta")}
+    elif name == "dit_xl2_256":
+        cond = {"class_labels": torch.zeros(2, dtype=torch.long, device="meta")}
+    elif name == "pixart_sigma":  # 300 T5 tokens of 4096 channels and their mask
+        cond = {"encoder_hidden_states": torch.zeros(2, 300, c.caption_channels, device="meta"),
+                "encoder_attention_mask": torch.ones(2, 300, dtype=torch.long, device="meta")}
     return unet, (x, t, cond)
 
 
@@ -260,6 +293,8 @@ def test_full_size_unet_splits_and_blocks_are_found_on_the_meta_device(name):
     assert dict(Counter(u.module_type for u in units if u.kind == "block")) == blocks
     assert sum(u.kind == "layer" for u in units) == alone
     assert sum(u.n_layers for u in units) == n_layers, "every quantized layer is reconstructed exactly once"
+    if name in TRANSFORMERS:
+        return
     # every split is a skip concatenation [up-path | skip] feeding an up block's first conv or its shortcut
     assert all(k.startswith("up_blocks.") and k.rsplit(".", 1)[1] in ("conv1", "conv_shortcut") for k in splits)
     first = dict(unet.named_modules())["up_blocks.0.resnets.0.conv1"]
@@ -298,6 +333,8 @@ def test_cifar10_experiment_keeps_the_first_three_residual_convs_at_8_bit_with_f
     ("table3_bedroom", "ldm_bedroom", "ddim", 200, 1.0, 200, 10, 256, 5120),
     ("table4_church", "ldm_church", "ddim", 500, 0.0, 500, 25, 256, 5120),
     ("sd14_w4a8", "sd14", "plms", 50, 0.0, 50, 2, 256, 6400),
+    ("dit_xl2_256", "dit_xl2_256", "ddim", 50, 0.0, 50, 5, 256, 2560),
+    ("pixart_sigma_w8a8", "pixart_sigma", "dpm_solver", 20, 0.0, 20, 2, 64, 640),
 ])
 def test_paper_experiments_use_the_papers_sampler_and_table5_calibration(experiment, model, sampler, steps, eta, T, c, n,
                                                                          N, compose_cfg):
@@ -307,11 +344,16 @@ def test_paper_experiments_use_the_papers_sampler_and_table5_calibration(experim
     assert spec.model.name == model and spec.task_name == experiment
     assert (spec.sampler.name, spec.sampler.steps, spec.sampler.eta) == (sampler, steps, eta)
     assert (spec.calib.mode, spec.calib.T, spec.calib.c, spec.calib.n, spec.calib.N) == ("uniform", T, c, n, N)
-    assert (spec.quant.method, spec.quant.label) == ("qdiff", "W4A8")
+    assert (spec.quant.method, spec.quant.label) == ("qdiff", "W8A8" if model == "pixart_sigma" else "W4A8")
     grid = OmegaConf.load(Path(__file__).parents[1] / "conf" / "experiment" / f"{experiment}.yaml").hydra.sweeper.params
-    if model == "sd14":
-        assert spec.model.guidance_scale == 7.5 and spec.eval.clip_score and spec.quant.attn_bits is None
-        assert grid.quant == "w8a8,w4a8"
+    if model in ("sd14", "pixart_sigma"):
+        assert spec.model.guidance_scale == (7.5 if model == "sd14" else 4.5) and spec.eval.clip_score
+        assert spec.quant.attn_bits is None and grid.quant == "w8a8,w4a8"
+    elif model == "dit_xl2_256":  # the peers' grid: 50 and 100 DDIM steps, with c = 5 and 10 (N = 2560 either way)
+        assert spec.model.guidance_scale == 1.5 and spec.eval.fid and spec.eval.isc and spec.quant.attn_bits is None
+        assert grid.quant == "w8a8,w4a8" and grid["quant.method"] == "linear,qdiff" and grid["sampler.steps"] == "50,100"
+        spec = build_spec(compose_cfg(f"experiment={experiment}", "sampler.steps=100"))
+        assert (spec.sampler.steps, spec.calib.T, spec.calib.c, spec.calib.N) == (100, 100, 10, 2560)
     else:
         assert grid.quant == "w8a32,w4a32,w8a8,w4a8" and grid["quant.method"] == "linear,qdiff"
         assert spec.eval.fid and spec.eval.isc == (model == "ddim_cifar10")  # the paper reports no IS for LSUN
@@ -380,6 +422,8 @@ def test_bf16_mixed_reconstruction_runs_on_cpu_and_16_mixed_is_refused(compose_c
 @pytest.mark.parametrize("name, names_weights", [
     ("sd14", "CompVis/stable-diffusion-v1-4"),
     ("ldm_bedroom", "https://ommer-lab.com/files/latent-diffusion/lsun_bedrooms.zip"),
+    ("dit_xl2_256", "facebook/DiT-XL-2-256"),
+    ("pixart_sigma", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"),
 ])
 def test_cli_without_weights_fails_in_one_line_before_any_work(name, names_weights, tmp_path, monkeypatch):
     monkeypatch.delenv("QDIFF_COCO_CAPTIONS", raising=False)  # the missing-captions check must not come first

@@ -44,7 +44,7 @@ def _example(model, spec) -> tuple[torch.Tensor, torch.Tensor, dict]:
     t = torch.full((n,), 500, device=spec.device)
     cond = {}
     if model.is_text_guided:
-        cond = {"encoder_hidden_states": model.encode_prompts([""] * n).to(spec.device)}
+        cond = model.text_conditioning([""] * n, spec.device)
     elif model.is_class_conditional:
         cond = {"class_labels": torch.arange(n, device=spec.device) % model.num_classes}
     return x, t, cond

@@ -78,8 +78,11 @@ class DiffusionModel:
     vae: nn.Module | None = None
     #: Latents are divided by this before ``vae.decode`` (SD: 0.18215).
     latent_scale: float = 1.0
-    #: Prompt encoder for text-guided models (stays full precision): list[str] -> [B, L, D].
-    encode_prompts: Callable[[list[str]], torch.Tensor] | None = None
+    #: Prompt encoder for text-guided models (stays full precision): list[str] -> [B, L, D] (the
+    #: ``encoder_hidden_states``), or a dict of such per-prompt tensors when the denoiser takes more than the hidden
+    #: states (PixArt-Σ: ``encoder_hidden_states`` and T5's ``encoder_attention_mask``). :meth:`text_conditioning`
+    #: turns either into the denoiser's keyword arguments.
+    encode_prompts: Callable[[list[str]], torch.Tensor | dict[str, torch.Tensor]] | None = None
     #: Classifier-free guidance strength for text-guided models.
     guidance_scale: float = 1.0
     #: Which feature extractor evaluates this model: "digits" or "inception".
@@ -110,6 +113,13 @@ class DiffusionModel:
     def is_conditional(self) -> bool:
         """Text prompts or class labels condition it (a run draws one per sample: :func:`qdiff.spec.run_prompts`)."""
         return self.is_text_guided or self.is_class_conditional
+
+    def text_conditioning(self, prompts: list[str], device: torch.device | str | None = None) -> dict:
+        """The denoiser's keyword arguments for ``prompts``: ``{"encoder_hidden_states": ...}`` when
+        ``encode_prompts`` gives a tensor, its dict as it is otherwise (on ``device`` when given)."""
+        encoded = self.encode_prompts(list(prompts))
+        cond = dict(encoded) if isinstance(encoded, dict) else {"encoder_hidden_states": encoded}
+        return {k: v.to(device) for k, v in cond.items()} if device is not None else cond
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -165,15 +165,16 @@ def batch_generator(seed: int, batch: int) -> torch.Generator:
 
 def prompt_conditioning(model: DiffusionModel, prompts: Sequence, device) -> tuple[dict | None, dict | None]:
     """(cond, uncond) kwargs for a batch of prompts (text models: the empty prompt is the unconditional branch) or
-    class labels (class-conditional models: the null class is); (None, None) for unconditional models."""
+    class labels (class-conditional models: the null class is); (None, None) for unconditional models.
+
+    A text model's ``encode_prompts`` gives a tensor (``{"encoder_hidden_states": t}``) or a dict of tensors used as
+    it is for both branches (PixArt-Σ: hidden states and attention mask; :meth:`DiffusionModel.text_conditioning`)."""
     if model.is_class_conditional:
         labels = torch.as_tensor([int(p) for p in prompts], dtype=torch.long, device=device)
         return {"class_labels": labels}, {"class_labels": torch.full_like(labels, model.num_classes)}
     if not model.is_text_guided:
         return None, None
-    c = model.encode_prompts(list(prompts)).to(device)
-    u = model.encode_prompts([""] * len(prompts)).to(device)
-    return {"encoder_hidden_states": c}, {"encoder_hidden_states": u}
+    return model.text_conditioning(list(prompts), device), model.text_conditioning([""] * len(prompts), device)
 
 
 @torch.no_grad()

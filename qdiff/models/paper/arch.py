@@ -1,7 +1,8 @@
 """``model.arch`` overrides: a paper model's configs with the user's keys applied, checked before anything is built.
 
-Plain keys go to the UNet, ``vae_*`` keys to the first stage, ``text_*`` keys to the CLIP text encoder (sd14),
-and ``num_heads`` sets the fixed head count of the original LDM-8 UNet.
+Plain keys go to the denoiser (UNet or transformer), ``vae_*`` keys to the first stage, ``text_*`` keys to the text
+encoder (sd14: ``CLIPTextConfig`` fields; pixart_sigma: ``T5Config`` fields), and ``num_heads`` sets the fixed head
+count of the original LDM-8 UNet.
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def resolve_arch(name: str, arch: dict | None = None) -> Arch:
     num_heads = spec.num_heads
     unet_keys = _init_keys(diffusers_class(spec.unet_class))
     first_keys = _init_keys(diffusers_class(spec.first_stage_class)) if spec.first_stage_class else set()
-    text_keys = set(_clip_text_config_keys()) if text is not None else set()
+    text_keys = set(_text_config_keys(spec.text_kind)) if text is not None else set()
+    transformer = not spec.unet_class.startswith("UNet")
 
     for key, value in (plain(arch) or {}).items():
         value = plain(value)
@@ -73,13 +75,18 @@ def resolve_arch(name: str, arch: dict | None = None) -> Arch:
         elif key in unet_keys:
             unet[key] = value
         else:
-            hint = ["<UNet kwarg>"] + (["vae_<first-stage kwarg>"] if first is not None else []) \
-                + (["text_<CLIPTextConfig field>"] if text is not None else []) + (["num_heads"] if spec.num_heads else [])
+            text_cfg = "T5Config" if spec.text_kind == "t5" else "CLIPTextConfig"
+            hint = [f"<{spec.unet_class} kwarg>" if transformer else "<UNet kwarg>"] \
+                + (["vae_<first-stage kwarg>"] if first is not None else []) \
+                + ([f"text_<{text_cfg} field>"] if text is not None else []) + (["num_heads"] if spec.num_heads else [])
             raise ModelConfigError(f"{name}: unknown model.arch key '{key}'; accepted: {', '.join(hint)}")
 
-    _check_levels(name, "", unet)
     if first is not None:
         _check_levels(name, "vae_", first)
+    if transformer:
+        _check_transformer(name, unet, text)
+        return Arch(unet=unet, first_stage=first, text=text, num_heads=num_heads)
+    _check_levels(name, "", unet)
     _check_widths(name, unet, num_heads)
     if text is not None:
         if text["hidden_size"] % text["num_attention_heads"]:
@@ -120,6 +127,28 @@ def _check_widths(name: str, unet: dict, num_heads: int | None) -> None:
         bad = [c for c in attn_channels if c % unet["attention_head_dim"]]
         if bad:
             raise ModelConfigError(f"{name}: model.arch block_out_channels {bad[0]} is not divisible by attention_head_dim {unet['attention_head_dim']}")
+
+
+def _check_transformer(name: str, net: dict, text: dict | None) -> None:
+    """A DiT/PixArt config whose patches tile the latent and whose caption path fits the text encoder."""
+    if net["sample_size"] % net["patch_size"]:
+        raise ModelConfigError(f"{name}: model.arch sample_size {net['sample_size']} is not divisible by patch_size {net['patch_size']}")
+    inner = net["num_attention_heads"] * net["attention_head_dim"]
+    if net.get("cross_attention_dim") is not None and net["cross_attention_dim"] != inner:
+        raise ModelConfigError(  # PixArt projects the caption to the block width before cross-attention
+            f"{name}: model.arch cross_attention_dim ({net['cross_attention_dim']}) must equal num_attention_heads x "
+            f"attention_head_dim ({inner})")
+    if text is not None and net.get("caption_channels") != text["d_model"]:
+        raise ModelConfigError(f"{name}: model.arch caption_channels ({net.get('caption_channels')}) must equal text_d_model ({text['d_model']})")
+
+
+def _text_config_keys(kind: str) -> list[str]:
+    """The ``text_*`` keys ``model.arch`` accepts: the fields of ``CLIPTextConfig`` (clip) or ``T5Config`` (t5)."""
+    if kind == "t5":
+        from transformers import T5Config
+
+        return list(T5Config().to_dict())
+    return _clip_text_config_keys()
 
 
 def _clip_text_config_keys() -> list[str]:

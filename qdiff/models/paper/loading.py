@@ -1,7 +1,9 @@
 """Loading the paper models from an original checkpoint, a diffusers folder or hub id, or with random weights.
 
-Original checkpoints (.ckpt/.pt via ``torch.load(weights_only=True)``, or .safetensors) are converted into the
-diffusers modules of the resolved architecture; every paper model registers :func:`load_paper_model` here.
+Original checkpoints (.ckpt/.pt via ``torch.load(weights_only=True)``, or .safetensors) of the UNet models are
+converted into the diffusers modules of the resolved architecture; the transformers (DiT-XL/2, PixArt-Σ) load from
+diffusers folders or hub ids only (their original checkpoints are refused in one line naming diffusers' conversion
+script, :func:`~qdiff.models.paper.sources.source_kind`). Every paper model registers :func:`load_paper_model` here.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from qdiff.models.paper.build import make_unet, n_params, set_num_heads
 from qdiff.models.paper.sources import check_cfg, no_weights, source_kind
 from qdiff.models.paper.specs import PAPER_MODELS, PaperModel, get_spec
 from qdiff.models.paper.text import (
-    build_text_encoder, char_tokenizer, original_tokenizer, prompt_encoder, text_encoder_from_checkpoint,
+    build_text_encoder, char_tokenizer, original_tokenizer, prompt_encoder, t5_prompt_encoder,
+    t5_char_tokenizer, text_encoder_from_checkpoint,
 )
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -102,7 +105,12 @@ def _load_diffusers(spec: PaperModel, arch: Arch, source: str, cfg: ModelConfig)
         parts.vae = load("vae", lambda s, **a: fs_cls.from_pretrained(s, **a, **kw))
         scaling = getattr(parts.vae.config, "scaling_factor", None)
         parts.latent_scale = float(scaling) if scaling is not None and spec.name != "ldm_bedroom" else None
-    if spec.text is not None:
+    if spec.text is not None and spec.text_kind == "t5":
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        parts.text_encoder = load("text_encoder", T5EncoderModel.from_pretrained)
+        parts.tokenizer = load("tokenizer", AutoTokenizer.from_pretrained)  # the hub's T5Tokenizer, or a saved fast one
+    elif spec.text is not None:
         from transformers import CLIPTextModel, CLIPTokenizer
 
         parts.text_encoder = load("text_encoder", CLIPTextModel.from_pretrained)
@@ -116,8 +124,9 @@ def _random_init(spec: PaperModel, arch: Arch) -> _Parts:
     if spec.first_stage_class is not None:
         parts.vae = diffusers_class(spec.first_stage_class)(**arch.first_stage)
     if spec.text is not None:
-        parts.text_encoder = build_text_encoder(arch.text)
-        parts.tokenizer = char_tokenizer(arch.text["max_position_embeddings"])
+        parts.text_encoder = build_text_encoder(arch.text, spec.text_kind)
+        parts.tokenizer = (t5_char_tokenizer(spec.text_max_length) if spec.text_kind == "t5"
+                           else char_tokenizer(arch.text["max_position_embeddings"]))
     return parts
 
 
@@ -166,10 +175,14 @@ def _assemble(spec: PaperModel, cfg: ModelConfig, parts: _Parts, source: str) ->
     if parts.text_encoder is not None:
         text_encoder = parts.text_encoder.to(dtype).eval().requires_grad_(False)
         meta["n_params_text_encoder"] = n_params(text_encoder)
-        encode = prompt_encoder(parts.tokenizer, text_encoder, unet)
+        encode = (t5_prompt_encoder(parts.tokenizer, text_encoder, unet, spec.text_max_length) if spec.text_kind == "t5"
+                  else prompt_encoder(parts.tokenizer, text_encoder, unet))
     if spec.use_ema and parts.fmt.startswith("original"):
         meta["ema"] = parts.ema
     meta["resolution"] = resolution
+    # class-conditional (DiT): as many classes as the denoiser's label table has besides the null class
+    num_classes = int(uc.num_embeds_ada_norm) if spec.num_classes is not None else None
+    guided = spec.text is not None or num_classes is not None
     reference = cfg.reference
     return DiffusionModel(
         name=spec.name,
@@ -179,11 +192,12 @@ def _assemble(spec: PaperModel, cfg: ModelConfig, parts: _Parts, source: str) ->
         vae=parts.vae,
         latent_scale=latent_scale,
         encode_prompts=encode,
-        guidance_scale=cfg.guidance_scale if spec.text is not None else 1.0,
+        guidance_scale=cfg.guidance_scale if guided else 1.0,
         eval_kind="inception",
         real_images=(lambda: load_reference_images(reference, resolution)) if reference else None,
         meta=meta,
         text_encoder=text_encoder,
+        num_classes=num_classes,
     )
 
 

@@ -9,18 +9,28 @@ from qdiff.models.config import ModelConfig
 from qdiff.models.hub import hub_cached, hub_offline, hub_reachable, not_found
 from qdiff.models.ldm_convert import CHECKPOINT_SUFFIXES
 from qdiff.models.paper.arch import resolve_arch
-from qdiff.models.paper.specs import PaperModel, get_spec
+from qdiff.models.paper.specs import PAPER_MODELS, PaperModel, get_spec
 
 
 def source_kind(name: str, source: str) -> tuple[str, str]:
-    """('original', file) | ('diffusers', folder) | ('hub', id)."""
+    """('original', file) | ('diffusers', folder) | ('hub', id). Models without a converter here (DiT, PixArt-Σ)
+    refuse original checkpoints in one line naming diffusers' conversion script."""
     p = Path(source).expanduser()
+    script = get_spec(name).convert_script if name in PAPER_MODELS else None
+    if script is not None and p.is_file():
+        raise ModelConfigError(
+            f"{name}: '{source}' is a file; original checkpoints are not converted for this model: make a diffusers "
+            f"folder of it with diffusers' {script} and set model.source=/path/to/that/folder")
+    if script is not None and p.is_dir() and not _is_diffusers_folder(p):
+        raise ModelConfigError(
+            f"{name}: folder '{source}' is not a diffusers folder (no model_index.json or transformer/); original "
+            f"checkpoints are not converted for this model: make a diffusers folder with diffusers' {script}")
     if p.is_file():
         if p.suffix not in CHECKPOINT_SUFFIXES:
             raise ModelConfigError(f"{name}: model.source '{source}' is a file but not a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
         return "original", str(p)
     if p.is_dir():
-        if any((p / f).exists() for f in ("model_index.json", "unet", "config.json", "vae", "vqvae")):
+        if _is_diffusers_folder(p):
             return "diffusers", str(p)
         for f in ("model.safetensors", "model.ckpt"):
             if (p / f).is_file():
@@ -30,6 +40,10 @@ def source_kind(name: str, source: str) -> tuple[str, str]:
     if looks_local:
         raise WeightsNotFoundError(f"{name}: model.source '{source}' does not exist")
     return "hub", source
+
+
+def _is_diffusers_folder(p: Path) -> bool:
+    return any((p / f).exists() for f in ("model_index.json", "unet", "transformer", "config.json", "vae", "vqvae"))
 
 
 def check_cfg(spec: PaperModel, cfg: ModelConfig) -> None:
@@ -62,6 +76,7 @@ def check_source(cfg: ModelConfig) -> None:
     if source is None:
         raise no_weights(spec)
     kind, _ = source_kind(spec.name, source)
+    # the denoiser's config marks a cached copy (subfolder "unet", "transformer", or the repo root)
     if kind == "hub" and not hub_cached(source, spec.subfolders.get("unet", ("unet",))):
         if cfg.local_files_only or hub_offline() or not hub_reachable():
             raise not_found(spec.name, source, spec.source_hint)

@@ -1,4 +1,5 @@
-"""The text side of Stable Diffusion: tokenizers, the CLIP text encoder, and the prompt encoder the sampler calls."""
+"""The text side of the text-guided models: tokenizers, the text encoders (CLIP for Stable Diffusion, T5 for PixArt-Σ),
+and the prompt encoders the sampler calls."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,32 +14,45 @@ from qdiff.models.ldm_convert import TEXT_ENCODER_PREFIX
 from qdiff.models.paper.specs import CLIP_TOKENIZER_HUB_ID
 
 
-def char_tokenizer(max_length: int = 77) -> Any:
-    """A CLIP-shaped, character-level tokenizer built in code, for random-init text encoders (no hub access).
-
-    Lower-cased printable ASCII, ``<|startoftext|>`` ... ``<|endoftext|>``, padded with ``<|endoftext|>`` like
-    SD's CLIPTokenizer, so the text path runs end to end on real captions without downloading a vocabulary.
-    """
+def _char_level(specials: dict[str, int], template: str, max_length: int, **tokens: str) -> Any:
+    """Lower-cased printable ASCII, one token per character, after ``specials``; ``template`` adds them around it."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "<unk>": 2}
+    vocab = dict(specials)
     for ch in (chr(i).lower() for i in range(32, 127)):
         vocab.setdefault(ch, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-        unk_token="<unk>", model_max_length=max_length,
-    )
+        single=template, special_tokens=[(t, i) for t, i in specials.items() if t in template.split()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", model_max_length=max_length, **tokens)
 
 
-def build_text_encoder(text_cfg: dict) -> nn.Module:
-    """A random-init CLIP text encoder; token ids default to the char tokenizer's for small vocabularies."""
+def char_tokenizer(max_length: int = 77) -> Any:
+    """A CLIP-shaped, character-level tokenizer built in code, for random-init text encoders (no hub access).
+
+    Lower-cased printable ASCII, ``<|startoftext|>`` ... ``<|endoftext|>``, padded with ``<|endoftext|>`` like
+    SD's CLIPTokenizer, so the text path runs end to end on real captions without downloading a vocabulary.
+    """
+    return _char_level({"<|startoftext|>": 0, "<|endoftext|>": 1, "<unk>": 2}, "<|startoftext|> $A <|endoftext|>",
+                       max_length, bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def t5_char_tokenizer(max_length: int = 512) -> Any:
+    """A T5-shaped, character-level tokenizer: ``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2, no BOS, ``</s>`` appended,
+    so T5 encoders (PixArt-Σ, FLUX) get T5's padding (id 0) and attention masks."""
+    return _char_level({"<pad>": 0, "</s>": 1, "<unk>": 2}, "$A </s>", max_length, eos_token="</s>", pad_token="<pad>")
+
+
+def build_text_encoder(text_cfg: dict, kind: str = "clip") -> nn.Module:
+    """A random-init text encoder: CLIP (``kind="clip"``; token ids default to the char tokenizer's for small
+    vocabularies) or T5's encoder (``kind="t5"``; T5Config's ids, pad 0 and eos 1, are the char tokenizer's too)."""
+    if kind == "t5":
+        from transformers import T5Config, T5EncoderModel
+
+        return T5EncoderModel(T5Config(**text_cfg))
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = dict(text_cfg)
@@ -100,6 +114,34 @@ def prompt_encoder(tokenizer: Any, text_encoder: nn.Module, unet: nn.Module) -> 
         return hidden.to(ref.dtype)
 
     # Exposed for export and inspection (DiffusionModel has no field for the text side).
+    encode_prompts.text_encoder = text_encoder
+    encode_prompts.tokenizer = tokenizer
+    return encode_prompts
+
+
+def t5_prompt_encoder(tokenizer: Any, text_encoder: nn.Module, net: nn.Module,
+                      max_length: int) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+    """The ``encode_prompts`` of a T5-conditioned model (PixArt-Σ), as ``PixArtSigmaPipeline.encode_prompt`` does it.
+
+    Prompts are lower-cased and stripped (the pipeline's ``clean_caption=False`` path; its default caption cleaning
+    needs bs4 and ftfy), padded to ``max_length`` tokens (300) and encoded with their attention mask; the transformer
+    gets both. The empty prompt, encoded the same way, is the unconditional branch (the pipeline's negative prompt).
+    """
+
+    def encode_prompts(prompts: list[str]) -> dict[str, torch.Tensor]:
+        """``encoder_hidden_states`` [B, L, D] (the denoiser's dtype) and ``encoder_attention_mask`` [B, L] (int64)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        tok = tokenizer([p.lower().strip() for p in prompts], padding="max_length", max_length=max_length,
+                        truncation=True, add_special_tokens=True, return_tensors="pt")
+        ref = next(net.parameters())
+        if next(text_encoder.parameters()).device != ref.device:
+            text_encoder.to(ref.device)
+        mask = tok.attention_mask.to(ref.device)
+        with torch.no_grad():
+            hidden = text_encoder(tok.input_ids.to(ref.device), attention_mask=mask)[0]
+        return {"encoder_hidden_states": hidden.to(ref.dtype), "encoder_attention_mask": mask}
+
     encode_prompts.text_encoder = text_encoder
     encode_prompts.tokenizer = tokenizer
     return encode_prompts
