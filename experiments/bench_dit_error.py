@@ -116,6 +116,7 @@ def main() -> None:
     p.add_argument("--trajectories", type=int, default=64, help="calibration trajectories replayed to the end")
     p.add_argument("--rows", type=int, default=512, help="calibration inputs for the eps error and statistics")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "dit" / "error.json")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides (e.g. paths.cache_dir=... to reuse a calibration set)")
     args = p.parse_args()
     import qdiff
     from qdiff.calib import collect_calibration
@@ -123,7 +124,7 @@ def main() -> None:
     from qdiff.spec import build_spec, run_prompts
 
     torch.manual_seed(0)
-    spec = build_spec(compose(["model=digits_dit"], args.out.parent / "error_run"))
+    spec = build_spec(compose(["model=digits_dit", *args.overrides], args.out.parent / "error_run"))
     model = load_model(spec.model)
     calib, _ = collect_calibration(model, spec.sampler, spec.calib, spec.cache_dir, "cpu",
                                    run_prompts(model, spec, spec.calib.n, spec.calib.seed), progress=False)

@@ -38,15 +38,7 @@ def load_digits(cfg: ModelConfig) -> DiffusionModel:
 
     unet, arch, source = _network("digits", UNet2DModel, UNET_CONFIG, cfg, UNET_WEIGHTS,
                                   "`python experiments/train_digits.py` (~20 min on 2 CPU cores)", "digits UNet")
-    return DiffusionModel(
-        name="digits",
-        unet=unet,
-        scheduler_config=dict(SCHEDULER_CONFIG),
-        sample_shape=(arch["in_channels"], IMAGE_SIZE, IMAGE_SIZE),
-        eval_kind="digits",
-        real_images=load_digits_images,
-        meta={"source": source, "n_params_unet": sum(p.numel() for p in unet.parameters())},
-    )
+    return _digits_model("digits", unet, arch, source)
 
 
 @register_model("digits_dit")
@@ -57,14 +49,12 @@ def load_digits_dit(cfg: ModelConfig) -> DiffusionModel:
 
     net, arch, source = _network("digits_dit", DiTTransformer2DModel, DIT_CONFIG, cfg, DIT_WEIGHTS,
                                  "`python experiments/train_digits_dit.py` (~30 min on 2 CPU cores)", "digits DiT")
-    return DiffusionModel(
-        name="digits_dit",
-        unet=net,
-        scheduler_config=dict(SCHEDULER_CONFIG),
-        sample_shape=(arch["in_channels"], IMAGE_SIZE, IMAGE_SIZE),
-        guidance_scale=cfg.guidance_scale,
-        eval_kind="digits",
-        real_images=load_digits_images,
-        num_classes=NUM_CLASSES,
-        meta={"source": source, "n_params_unet": sum(p.numel() for p in net.parameters())},
-    )
+    return _digits_model("digits_dit", net, arch, source, guidance_scale=cfg.guidance_scale, num_classes=NUM_CLASSES)
+
+
+def _digits_model(name: str, net, arch: dict, source: str, **extra) -> DiffusionModel:
+    """An embedded network as a DiffusionModel: the digits schedule, 16x16 samples, the digits metric."""
+    return DiffusionModel(name=name, unet=net, scheduler_config=dict(SCHEDULER_CONFIG),
+                          sample_shape=(arch["in_channels"], IMAGE_SIZE, IMAGE_SIZE), eval_kind="digits",
+                          real_images=load_digits_images,
+                          meta={"source": source, "n_params_unet": sum(p.numel() for p in net.parameters())}, **extra)
