@@ -240,10 +240,12 @@ def test_quantize_pipeline_refuses_what_it_cannot_calibrate():
         qdiff.quantize_pipeline(pipe, W4A8, calib={"T": 4, "c": 8, "n": 4})
     with pytest.raises(ConfigError, match="pipe.unet is torch.float16; qdiff calibrates and reconstructs in float32"):
         qdiff.quantize_pipeline(qdiff.testing.tiny_pipeline("ddim").to(torch.float16), W4A8)
-    with pytest.raises(ConfigError, match="needs a diffusers pipeline with .unet and .scheduler"):
+    with pytest.raises(ConfigError, match=r"needs a diffusers pipeline with a .unet or a .transformer, got Linear"):
         qdiff.quantize_pipeline(torch.nn.Linear(2, 2), W4A8)
     with pytest.raises(ConfigError, match="unknown kind"):
         qdiff.testing.tiny_pipeline("sdxl")
+    with pytest.warns(DeprecationWarning, match="moved to qdiff.testing.tiny_pipeline"):  # the old spelling, one release
+        assert type(qdiff.pipelines.tiny_pipeline("ddim")).__name__ == "DDIMPipeline"
 
 
 # --- import surface -----------------------------------------------------------------------------------------------
