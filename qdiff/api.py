@@ -45,8 +45,10 @@ def check_weights(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def prepare(model: nn.Module, cfg: QuantConfig, example: tuple[torch.Tensor, torch.Tensor, dict]) -> tuple[nn.Module, list[LayerSpec]]:
-    """Detect shortcut splits and layer order on one example batch, wrap the layers, init weight ranges."""
+def prepare(model: nn.Module, cfg: QuantConfig, example: tuple[torch.Tensor, torch.Tensor, dict], calib=None,
+            num_samples: int = 256, seed: int = 0) -> tuple[nn.Module, list[LayerSpec]]:
+    """Detect shortcut splits and layer order on one example batch, wrap the layers, apply the configured transforms
+    (smoothing, low-rank branch: :mod:`qdiff.quant.transforms`; they need ``calib``), init weight ranges."""
     check_weights(model)
     x, t, cond = example
     splits = shortcut_splits(model, cfg, (x, t), cond)
@@ -57,6 +59,10 @@ def prepare(model: nn.Module, cfg: QuantConfig, example: tuple[torch.Tensor, tor
         q = wrap_model(model, cfg, specs)
     except ValueError as e:
         raise ConfigError(f"quant: {e}") from None
+    if cfg.transforms:
+        from qdiff.quant.transforms import apply_transforms
+
+        q.transform_report = apply_transforms(model, q, cfg, calib, num_samples, seed, x.device)
     init_weight_quantizers(q, cfg.resolved_scale_method, cfg.lp)
     return q, specs
 
@@ -119,14 +125,14 @@ def quantize(model: nn.Module, config: QuantConfig, calib=None, recon=None, devi
     recon = recon or ReconConfig()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     t0 = time.perf_counter()
-    q, specs = prepare(model, config, calib.get([0, min(1, len(calib) - 1)], device))
-    report: dict = {}
+    q, specs = prepare(model, config, calib.get([0, min(1, len(calib) - 1)], device), calib, act_init_samples, recon.seed)
+    report: dict = {"transforms": getattr(q, "transform_report", {})} if config.transforms else {}
     if config.method == "qdiff":
         from qdiff.recon import reconstruct
 
         t1 = time.perf_counter()
-        report = reconstruct(model, q, calib, config, recon, device=device, work_dir=work_dir, progress=progress,
-                             logger=logger, act_init_samples=act_init_samples, specs=specs)
+        report.update(reconstruct(model, q, calib, config, recon, device=device, work_dir=work_dir, progress=progress,
+                                  logger=logger, act_init_samples=act_init_samples, specs=specs))
         seconds = {"quantize": round(t1 - t0, 2), "reconstruct": round(time.perf_counter() - t1, 2)}
     else:
         if config.quantizes_acts:

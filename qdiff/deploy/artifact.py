@@ -91,7 +91,8 @@ def build_network(arch: dict, device: str | torch.device = "meta") -> nn.Module:
 # --- writing -----------------------------------------------------------------------------------------------------
 
 #: Columns of a row of the layer table (one row per quantized layer, in module order).
-LAYER_FIELDS = ["name", "type", "weight_shape", "weight_bits", "act_bits", "split", "dtype", "bias", "act_init"]
+LAYER_FIELDS = ["name", "type", "weight_shape", "weight_bits", "act_bits", "split", "dtype", "bias", "act_init", "smooth",
+                "rank", "time_groups"]
 
 
 class _Blobs:
@@ -128,14 +129,22 @@ def _layer_entries(row: dict) -> list[list]:
     channel = [1] * len(shape)
     channel[out_axis] = shape[out_axis]
     quantized = row["weight_bits"] < 16
+    groups = int(row.get("time_groups", 1))
+    act = [groups] if groups > 1 else []
     entries = [[f"{name}.codes", "codes", shape, row["weight_bits"]] if quantized else [f"{name}.weight", dtype, shape]]
     for i, act_init in enumerate(row["act_init"]):
         if quantized:
             entries += [[f"{name}.wq.{i}.scale", dtype, channel], [f"{name}.wq.{i}.zero_point", "uint8", channel, dtype]]
         if act_init:
-            entries += [[f"{name}.aq.{i}.scale", dtype, []], [f"{name}.aq.{i}.zero_point", "uint8", [], dtype]]
+            entries += [[f"{name}.aq.{i}.scale", dtype, act], [f"{name}.aq.{i}.zero_point", "uint8", act, dtype]]
+            if groups > 1:
+                entries.append([f"{name}.aq.{i}.t_edges", "float32", [groups - 1]])
     if row["bias"]:
         entries.append([f"{name}.bias", dtype, [shape[out_axis]]])
+    if row.get("smooth"):  # artifacts written before the transforms have neither column
+        entries.append([f"{name}.smooth", dtype, [shape[1]]])
+    if row.get("rank"):
+        entries += [[f"{name}.lr_down", dtype, [row["rank"], *shape[1:]]], [f"{name}.lr_up", dtype, [shape[0], row["rank"]]]]
     return entries
 
 
@@ -159,7 +168,9 @@ def export(qmodel: nn.Module, path: str | Path, init_kwargs: dict | None = None,
         row = {"name": name, "type": layer.org_type, "weight_shape": list(layer.weight.shape),
                "weight_bits": layer.weight_bits if layer.quantizes_weight else 32, "act_bits": layer.act_bits,
                "split": layer.split, "dtype": str(layer.weight.dtype).removeprefix("torch."), "bias": layer.bias is not None,
-               "act_init": [int(q.bits < 16 and bool(q.initialized)) for q in layer.aq]}
+               "act_init": [int(q.bits < 16 and bool(q.initialized)) for q in layer.aq],
+               "smooth": layer.smooth is not None, "rank": layer.rank,
+               "time_groups": getattr(layer.aq[0], "groups", 1)}
         own = layer.state_dict()
         for entry in _layer_entries(row):
             tensor = layer.weight_codes() if entry[1] == "codes" else own[entry[0][len(name) + 1:]]
@@ -250,7 +261,8 @@ class Artifact:
                                   "another export)")
         self.quant = config_from_dict(QuantConfig, self.meta["quant"], "quant")
         self.rows = [dict(zip(self.meta["layer_fields"], r)) for r in self.meta["layers"]]
-        self.specs = [LayerSpec(r["name"], r["type"], r["weight_shape"], r["weight_bits"], r["act_bits"], r["split"])
+        self.specs = [LayerSpec(r["name"], r["type"], r["weight_shape"], r["weight_bits"], r["act_bits"], r["split"],
+                                bool(r.get("smooth", False)), int(r.get("rank", 0)), int(r.get("time_groups", 1)))
                       for r in self.rows]
         self.tensors = self._unblob(load_state_dict_file(tensors_file))
 

@@ -108,6 +108,10 @@ class Int8Layer(nn.Module):
         self.acts = []
         for i, (c, w) in enumerate(zip(codes.split(sizes, 1), weight.split(sizes, 1))):
             aq = layer.aq[i]
+            if aq.active and aq.scale.dim() > 0:
+                raise ConfigError("int8 backend: timestep-aware activation scales (quant.act_time_groups > 1) pick a step "
+                                  "size per sample, which PyTorch's per-tensor int8 quantize op cannot express; use "
+                                  "backend='simulated'")
             self.acts.append((float(aq.scale), int(aq.zero_point), aq.levels) if aq.active else None)
             tensors = _int8_weight(layer, i, c, out_axis) if layer.wq[i].active else {"fp_weight": w.clone()}
             if "int_weight" in tensors:
@@ -115,6 +119,15 @@ class Int8Layer(nn.Module):
             for name, value in tensors.items():  # buffers: inductor freezes them into constants
                 self.register_buffer(f"{name}{i}", value)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        # transforms (qdiff.quant.transforms): the input divisor and the low-rank branch run in float, as simulated
+        if layer.smooth is not None:
+            self.register_buffer("smooth", layer.smooth.detach().clone())
+        else:
+            self.smooth = None
+        self.rank = layer.rank
+        if self.rank:
+            self.register_buffer("lr_down", layer.lr_down.detach().clone())
+            self.register_buffer("lr_up", layer.lr_up.detach().clone())
 
     def _zero_insert_conv(self, k: torch.Size) -> None:
         """A transposed conv as a regular conv over the zero-upsampled input (its weight flipped and transposed)."""
@@ -166,9 +179,18 @@ class Int8Layer(nn.Module):
             x = F.pad(up, (pl, pr, pt, pb))
         if self.org_type == "Linear" and x.dim() > 2:
             return self.forward(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+        if self.smooth is not None:
+            x = x / (self.smooth if self.org_type == "Linear" else self.smooth.view(-1, *([1] * (x.dim() - 2))))
         if not self.split:
-            return self._part(0, x, self.bias)
-        return self._part(0, x[:, :self.split], self.bias) + self._part(1, x[:, self.split:], None)
+            y = self._part(0, x, self.bias)
+        else:
+            y = self._part(0, x[:, :self.split], self.bias) + self._part(1, x[:, self.split:], None)
+        if not self.rank:
+            return y
+        if self.org_type == "Linear":
+            return y + F.linear(F.linear(x, self.lr_down), self.lr_up)
+        h = self.fn(x, self.lr_down, None, **self.kw)
+        return y + self.fn(h, self.lr_up.view(*self.lr_up.shape, *([1] * (h.dim() - 2))))
 
 
 class _Eps(nn.Module):

@@ -31,6 +31,8 @@ def load_simulated(art: Artifact, device: torch.device | str = "cpu") -> nn.Modu
                 state.setdefault(f"{prefix}.scale", torch.ones(()))
                 state.setdefault(f"{prefix}.zero_point", torch.zeros(()))
                 state[f"{prefix}.initialized"] = torch.tensor(found)
+                if hasattr(quantizer, "t_edges"):  # timestep-aware: boundaries stored only where calibrated
+                    state.setdefault(f"{prefix}.t_edges", torch.zeros_like(quantizer.t_edges, device="cpu"))
     own = q.state_dict()
     missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
     if missing or unexpected:

@@ -50,8 +50,21 @@ def init_act_quantizers(model: nn.Module, calib, method: str, p: float = 2.4,
     idx = np.sort(rng.choice(len(calib), size=n, replace=False))
     n_batches = (n + batch_size - 1) // batch_size
     gen = torch.Generator().manual_seed(seed)
+    from qdiff.quant.timegroups import TimestepQuantizer, set_group_edges
+
+    set_group_edges(model, calib.timesteps())
+    grouped = {name: q.groups for name, q in qs if isinstance(q, TimestepQuantizer)}
     stats = {name: _Stats(max(1, max_values // n_batches), gen) for name, _ in qs}
-    hooks = [q.register_forward_pre_hook(lambda _m, inp, s=stats[name]: s.update(inp[0])) for name, q in qs]
+    group_stats = {name: [_Stats(max(1, max_values // n_batches), gen) for _ in range(g)] for name, g in grouped.items()}
+
+    def update(q, name: str, x: torch.Tensor) -> None:
+        stats[name].update(x)
+        if name in group_stats:
+            g = q.group_of(x.shape[0])
+            for k in g.unique().tolist():
+                group_stats[name][k].update(x[g == k])
+
+    hooks = [q.register_forward_pre_hook(lambda m, inp, name=name: update(m, name, inp[0])) for name, q in qs]
     try:
         with activations_fp(model):
             for x, t, cond in tqdm(calib.batches(batch_size, idx, device), total=n_batches, desc="activation ranges",
@@ -71,7 +84,11 @@ def init_act_quantizers(model: nn.Module, calib, method: str, p: float = 2.4,
                             "calibration data (weights quantized, activations FP): the model breaks there, so no range "
                             "can be set")
         sample = torch.cat(s.samples).to(q.scale.device)
-        q.init_from(sample, method, p, x_min=s.min.to(sample.device), x_max=s.max.to(sample.device))
+        if name in group_stats:
+            q.init_groups([None if gs.min is None else (torch.cat(gs.samples).to(sample.device), gs.min.to(sample.device),
+                                                        gs.max.to(sample.device)) for gs in group_stats[name]], method, p)
+        else:
+            q.init_from(sample, method, p, x_min=s.min.to(sample.device), x_max=s.max.to(sample.device))
         if first_bad_row(q.scale.detach().reshape(-1)) is not None or not bool((q.scale > 0).all()):
             raise DataError(f"activation ranges: the step size of {name} came out {q.scale.detach().reshape(-1)[:1].tolist()} "
                             f"from the range [{float(s.min):.4g}, {float(s.max):.4g}]")

@@ -76,6 +76,18 @@ class QuantConfig:
     cond_bits: int | None = None
     #: Per-layer exceptions by name pattern (e.g. the paper's DDIM CIFAR-10 residual convs at 8 bit, act FP).
     overrides: list = field(default_factory=list)
+    #: Channel balancing (SmoothQuant, Xiao et al. 2023): each quantized layer's input channel j is divided by
+    #: s_j = max|x_j|^alpha / max|W_:j|^(1 - alpha) and its weights multiplied by it (FP output unchanged), moving
+    #: activation outliers into the weights. None = off (the paper); a float in (0, 1] = alpha. Conv1d/Conv2d/Linear.
+    smooth: float | None = None
+    #: Low-rank branch (SVDQuant, Li et al. 2025): the top-``lowrank`` singular directions of each quantized
+    #: weight (after smoothing) run in full precision on the unquantized input; only the residual is quantized.
+    #: 0 = off (the paper). Capped per layer at min(out, fan-in). Conv1d/Conv2d/Linear with groups=1.
+    lowrank: int = 0
+    #: Timestep-aware activation step sizes (TDQ / TFMQ-DM / ViDiT-Q): the calibration timesteps cut into this many
+    #: groups of equal count, one step size and zero point per group in every layer-input quantizer (attention
+    #: matmuls keep one). 1 = one for all timesteps (the paper). The int8 backend cannot run them (per-sample scales).
+    act_time_groups: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -85,6 +97,13 @@ class QuantConfig:
         check_bits(self.attn_bits, "quant.attn_bits", allow_none=True)
         check_bits(self.first_last_bits, "quant.first_last_bits", allow_none=True)
         check_bits(self.cond_bits, "quant.cond_bits", allow_none=True)
+        if self.smooth is not None and (isinstance(self.smooth, bool) or not isinstance(self.smooth, (int, float))
+                                        or not 0 < self.smooth <= 1):
+            raise ConfigError(f"quant.smooth must be null (off) or the migration strength alpha in (0, 1], got {self.smooth!r}")
+        if isinstance(self.lowrank, bool) or not isinstance(self.lowrank, int) or self.lowrank < 0:
+            raise ConfigError(f"quant.lowrank must be a rank >= 0 (0 = off), got {self.lowrank!r}")
+        if isinstance(self.act_time_groups, bool) or not isinstance(self.act_time_groups, int) or self.act_time_groups < 1:
+            raise ConfigError(f"quant.act_time_groups must be an integer >= 1 (1 = off), got {self.act_time_groups!r}")
         if self.scale_method is not None and self.scale_method not in SCALE_METHODS:
             raise ConfigError(f"quant.scale_method must be one of {SCALE_METHODS} or null, got '{self.scale_method}'")
         if not self.lp > 0:
@@ -93,6 +112,7 @@ class QuantConfig:
             self.method = "fp"  # nothing to quantize: a W32A32 grid point is the FP baseline
         if self.method == "fp":  # FP is W32A32 whatever bits the composed config carried
             self.weight_bits, self.act_bits, self.attn_bits, self.first_last_bits, self.cond_bits = 32, 32, None, None, None
+            self.smooth, self.lowrank, self.act_time_groups = None, 0, 1
         if not isinstance(self.split_layers, dict) or not all(
                 isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0 for k, v in self.split_layers.items()):
             raise ConfigError(f"quant.split_layers must map layer names to a positive channel count, got {self.split_layers!r}")
@@ -117,6 +137,18 @@ class QuantConfig:
     @property
     def resolved_scale_method(self) -> str:
         return self.scale_method or ("minmax" if self.method == "linear" else "mse")
+
+    @property
+    def transforms(self) -> list[str]:
+        """The methods added to the paper's, as short tags (empty for the paper's method): e.g. ['smooth0.5', 'lr16']."""
+        out = []
+        if self.smooth is not None:
+            out.append(f"smooth{self.smooth:g}")
+        if self.lowrank:
+            out.append(f"lr{self.lowrank}")
+        if self.act_time_groups > 1 and self.act_bits not in OFF_BITS:
+            out.append(f"tg{self.act_time_groups}")
+        return out
 
     @property
     def label(self) -> str:

@@ -53,7 +53,8 @@ class QuantLayer(nn.Module):
     """Drop-in replacement of a registered layer. Settings are per layer, resolved by the wrapper."""
 
     def __init__(self, org: nn.Module, weight_bits: int, act_bits: int, weight_symmetric: bool = False,
-                 act_symmetric: bool = False, split: int = 0) -> None:
+                 act_symmetric: bool = False, split: int = 0, smooth: bool = False, rank: int = 0,
+                 time_groups: int = 1) -> None:
         super().__init__()
         self.org_type = type(org).__name__
         self.fn = LAYER_REGISTRY[type(org)]
@@ -69,13 +70,32 @@ class QuantLayer(nn.Module):
         self.split = int(split)
         n = 2 if self.split else 1
         self.wq = nn.ModuleList(UniformQuantizer(weight_bits, weight_symmetric, self.out_axis) for _ in range(n))
-        self.aq = nn.ModuleList(UniformQuantizer(act_bits, act_symmetric, None, learnable_scale=True, required=False)
-                                for _ in range(n))
+        if time_groups > 1 and act_bits < 16:
+            from qdiff.quant.timegroups import TimestepQuantizer
+
+            self.aq = nn.ModuleList(TimestepQuantizer(act_bits, act_symmetric, time_groups) for _ in range(n))
+        else:
+            self.aq = nn.ModuleList(UniformQuantizer(act_bits, act_symmetric, None, learnable_scale=True, required=False)
+                                    for _ in range(n))
         self.weight_bits, self.act_bits = weight_bits, act_bits
         self._cache: tuple | None = None
+        # Transforms (qdiff.quant.transforms): a per-input-channel divisor of the input, folded into the weight, and
+        # a full-precision low-rank branch W ~ up @ down on the (divided) input; `weight` then holds the residual.
+        if (smooth or rank) and (transposed or self.fwd_kwargs.get("groups", 1) != 1):
+            raise ValueError(f"smoothing / low-rank branch: not for {self.org_type} with groups != 1 or transposed")
+        if smooth:
+            self.register_buffer("smooth", torch.ones(in_ch, dtype=self.weight.dtype, device=self.weight.device))
+        else:
+            self.smooth: torch.Tensor | None = None
+        self.rank = int(rank)
+        if self.rank:
+            w = self.weight
+            self.register_buffer("lr_down", torch.zeros(self.rank, *w.shape[1:], dtype=w.dtype, device=w.device))
+            self.register_buffer("lr_up", torch.zeros(w.shape[0], self.rank, dtype=w.dtype, device=w.device))
 
     def extra_repr(self) -> str:
-        return f"{self.org_type}, {quant_label(self.weight_bits, self.act_bits)}, split={self.split}"
+        extra = (", smooth" if self.smooth is not None else "") + (f", rank={self.rank}" if self.rank else "")
+        return f"{self.org_type}, {quant_label(self.weight_bits, self.act_bits)}, split={self.split}{extra}"
 
     # --- weights --------------------------------------------------------------------------------
     def weight_parts(self) -> list[torch.Tensor]:
@@ -118,7 +138,8 @@ class QuantLayer(nn.Module):
         if not (_hooked(a) or _hooked(b)):  # fast paths skip the quantizer modules' calls, so only without hooks
             if not a.active and not b.active:
                 return x
-            if a.active and b.active and needs_no_grad(x, a.scale) and needs_no_grad(x, b.scale):
+            if (a.active and b.active and a.scale.dim() == 0 and b.scale.dim() == 0 and needs_no_grad(x, a.scale)
+                    and needs_no_grad(x, b.scale)):
                 # Inference: both halves quantized straight into one output (no concatenation copy); same values.
                 out = torch.empty_like(x)
                 for q, sl in ((a, slice(None, self.split)), (b, slice(self.split, None))):
@@ -126,8 +147,24 @@ class QuantLayer(nn.Module):
                 return out
         return torch.cat([a(x[:, : self.split]), b(x[:, self.split :])], dim=1)
 
+    def smooth_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input divided by the smoothing factors (channels: last axis of a Linear's input, axis 1 of a conv's)."""
+        if self.smooth is None:
+            return x
+        s = self.smooth if self.org_type == "Linear" else self.smooth.view(-1, *([1] * (x.dim() - 2)))
+        return x / s
+
+    def lowrank_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` through the full-precision rank-r part of the weight: the layer's op with ``lr_down``, then ``lr_up``."""
+        if self.org_type == "Linear":
+            return F.linear(F.linear(x, self.lr_down), self.lr_up)
+        h = self.fn(x, self.lr_down, None, **self.fwd_kwargs)
+        return self.fn(h, self.lr_up.view(*self.lr_up.shape, *([1] * (h.dim() - 2))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(self.quantize_input(x), self.quantized_weight(), self.bias, **self.fwd_kwargs)
+        x = self.smooth_input(x)
+        y = self.fn(self.quantize_input(x), self.quantized_weight(), self.bias, **self.fwd_kwargs)
+        return y + self.lowrank_branch(x) if self.rank else y
 
     # --- AdaRound -------------------------------------------------------------------------------
     def start_adaround(self) -> list[AdaRoundQuantizer]:

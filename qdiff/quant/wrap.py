@@ -30,6 +30,12 @@ class LayerSpec:
     weight_bits: int
     act_bits: int
     split: int = 0
+    #: Channel balancing of this layer's input (QuantConfig.smooth): a per-input-channel divisor is stored.
+    smooth: bool = False
+    #: Rank of this layer's full-precision low-rank branch (QuantConfig.lowrank); 0 = none.
+    rank: int = 0
+    #: Timestep groups of this layer's activation step sizes (QuantConfig.act_time_groups); 1 = one for all.
+    time_groups: int = 1
 
 
 #: Modules whose linears compute the conditioning rather than the features: timestep / class / text embeddings and
@@ -83,7 +89,12 @@ def resolve_layer_specs(model: nn.Module, cfg: QuantConfig, splits: dict[str, in
                 if o.weight_quant is False:
                     wb = 32
         split = splits.get(name, 0) if cfg.split else 0
-        specs.append(LayerSpec(name, type(m).__name__, list(m.weight.shape), wb, ab, split))
+        transformable = isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and getattr(m, "groups", 1) == 1
+        smooth = cfg.smooth is not None and transformable and ab not in OFF_BITS
+        fan_in = m.weight[0].numel()
+        rank = min(cfg.lowrank, m.weight.shape[0], fan_in) if transformable and wb not in OFF_BITS else 0
+        groups = cfg.act_time_groups if ab not in OFF_BITS else 1
+        specs.append(LayerSpec(name, type(m).__name__, list(m.weight.shape), wb, ab, split, smooth, rank, groups))
     return specs
 
 
@@ -96,8 +107,13 @@ def wrap_model(model: nn.Module, cfg: QuantConfig, specs: list[LayerSpec]) -> nn
         if org is None or type(org).__name__ != s.type or list(org.weight.shape) != list(s.weight_shape):
             found = "missing" if org is None else f"{type(org).__name__}{tuple(org.weight.shape)}"
             raise ValueError(f"layer '{s.name}' does not match the model (expected {s.type}{tuple(s.weight_shape)}, found {found})")
-        layer = QuantLayer(org, s.weight_bits, s.act_bits, cfg.weight_symmetric, cfg.act_symmetric, s.split)
+        layer = QuantLayer(org, s.weight_bits, s.act_bits, cfg.weight_symmetric, cfg.act_symmetric, s.split, s.smooth, s.rank,
+                           s.time_groups)
         q.set_submodule(s.name, layer.to(org.weight.device))
+    if any(s.time_groups > 1 for s in specs):
+        from qdiff.quant.timegroups import install_timestep_hook
+
+        install_timestep_hook(q)
     if cfg.attn_bits is not None:
         from qdiff.quant.attention import install_attention_quant
 

@@ -196,3 +196,14 @@ def unit_call_args(cache: UnitCache, rows: np.ndarray, calib, sample_idx: np.nda
     args = [value(n) for n in cache.arg_names]
     kwargs = {n[3:]: value(n) for n in (f"kw_{k}" for k in cache.kwarg_names)}
     return args, kwargs
+
+
+def row_timesteps(unit: nn.Module, calib, sample_idx: np.ndarray, rows: np.ndarray):
+    """A context giving the unit's timestep-aware quantizers the timesteps of cached rows (a no-op without them)."""
+    from contextlib import nullcontext
+
+    from qdiff.quant.timegroups import TimestepQuantizer, timesteps
+
+    if not any(isinstance(m, TimestepQuantizer) for m in unit.modules()):
+        return nullcontext()
+    return timesteps(calib.get(sample_idx[rows], "cpu")[1])

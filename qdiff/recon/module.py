@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from qdiff.errors import DataError
 from qdiff.quant.adaround import AdaRoundQuantizer
-from qdiff.recon.capture import UnitCache, target_slots, unit_call_args, unit_outputs
+from qdiff.recon.capture import UnitCache, row_timesteps, target_slots, unit_call_args, unit_outputs
 from qdiff.recon.config import ReconConfig
 
 #: Losses are read back and logged every LOG_EVERY optimisation steps (and at the last one).
@@ -102,7 +102,8 @@ class ReconModule(pl.LightningModule):
     def unit_output(self, rows: np.ndarray) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The unit's outputs on cached rows and their FP targets."""
         args, kwargs = unit_call_args(self.cache, rows, self.calib, self.sample_idx, self.device)
-        outs = unit_outputs(self.unit(*args, **kwargs))
+        with row_timesteps(self.unit, self.calib, self.sample_idx, rows):
+            outs = unit_outputs(self.unit(*args, **kwargs))
         return outs, [self.cache.read(s, rows, self.device) for s in target_slots(len(outs))]
 
     def training_step(self, rows, batch_idx):

@@ -142,8 +142,15 @@ def match_output_mean(q_model: nn.Module, layer_name: str, score: ProbeScore, it
         df = f1 - tried[-2][1]
         slope = torch.where(df.abs() > 1e-12, (d1 - d0) / df, torch.zeros_like(df))
         d0, d1 = d1, d1 - f1 * slope
-    best_shift, best_dev, best_mse = min(tried, key=lambda p: float((p[1] ** 2).sum()))
+    # A shift that matches the mean by moving the samples further from FP than no shift (the secant running off
+    # where clipped samples make the mean insensitive to the bias: a -9.2 shift at digits W4A4 with 8-bit io layers
+    # matched the mean and left eps 9x off) is never kept; no shift always qualifies.
+    kept = [p for p in tried if p[2] <= mse0]
+    best_shift, best_dev, best_mse = min(kept, key=lambda p: float((p[1] ** 2).sum()))
+    if len(kept) < len(tried):
+        log.warning("output bias match: %d of %d shifts tried made the probe samples further from FP (MSE above %.4g "
+                    "with no shift) and were not kept", len(tried) - len(kept), len(tried) - 1, mse0)
     apply(best_shift)
     return {"layer": layer_name, "bias_shift": [round(float(v), 6) for v in best_shift],
             "mean_dev_before": [round(float(v), 6) for v in f0], "mean_dev_after": [round(float(v), 6) for v in best_dev],
-            "probe_runs": len(tried), "probe_mse": best_mse}
+            "probe_runs": len(tried), "probe_mse_before": mse0, "rejected": len(tried) - len(kept), "probe_mse": best_mse}

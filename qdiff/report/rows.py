@@ -29,7 +29,14 @@ def config_fields(cfg: DictConfig | None) -> dict:
         "split": _sel(cfg, "quant.split"), "calib_mode": _sel(cfg, "calib.mode"), "calib_c": _sel(cfg, "calib.c"),
         "calib_n": _sel(cfg, "calib.n"), "sampler": _sel(cfg, "sampler.name"), "steps": _sel(cfg, "sampler.steps"),
         "n_samples": _sel(cfg, "eval.n_samples"), "seed": _sel(cfg, "seed"),
+        "transforms": "" if fp else transform_tags(_sel(cfg, "quant.smooth"), _sel(cfg, "quant.lowrank")),
     }
+
+
+def transform_tags(smooth, lowrank) -> str:
+    """The run's transforms as in metrics.json (``QuantConfig.transforms`` joined by '+'; '' = the paper's method)."""
+    tags = ([f"smooth{float(smooth):g}"] if smooth is not None else []) + ([f"lr{int(lowrank)}"] if lowrank else [])
+    return "+".join(tags)
 
 
 def metric_fields(m: dict) -> dict:
@@ -38,7 +45,7 @@ def metric_fields(m: dict) -> dict:
         return {}
     fp, cost, rec, an = m.get("fp") or {}, m.get("cost") or {}, m.get("reconstruction") or {}, m.get("analysis") or {}
     out = {k: m.get(k) for k in ("model", "method", "weight_bits", "act_bits", "split", "calib_mode", "sampler", "steps",
-                                 "n_samples", "seed", "task_name", "fid", "is", "is_std")}
+                                 "n_samples", "seed", "task_name", "fid", "is", "is_std", "transforms")}
     out.update({
         "label": m["quant"] if isinstance(m.get("quant"), str) else None,
         "fp_fid": fp.get("fid"), "fp_is": fp.get("is"), "fp_is_std": fp.get("is_std"),

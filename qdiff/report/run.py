@@ -19,6 +19,7 @@ def run_metrics(spec, model, scores: dict, extra: dict, cost: dict) -> dict:
         "steps": spec.sampler.steps,
         "quant": spec.quant.label,
         "method": spec.quant.method,
+        "transforms": "+".join(spec.quant.transforms),
         "weight_bits": spec.quant.weight_bits,
         "act_bits": spec.quant.act_bits,
         "split": spec.quant.split,

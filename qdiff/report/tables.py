@@ -12,7 +12,7 @@ METHOD_ORDER = {"fp": 0, "linear": 1, "qdiff": 2}
 # Settings that define which FP reference a quantized run compares against.
 CONTEXT = ["model", "sampler", "steps", "n_samples", "seed"]
 # Settings an ablation may vary; a column appears in the table only when it takes more than one value.
-AXES = ["model", "sampler", "steps", "n_samples", "seed", "calib_mode", "calib_c", "calib_n", "split"]
+AXES = ["model", "sampler", "steps", "n_samples", "seed", "calib_mode", "calib_c", "calib_n", "split", "transforms"]
 AXIS_NAMES = {"model": "Model", "sampler": "Sampler", "steps": "Steps", "n_samples": "Samples", "seed": "Seed",
               "calib_mode": "Calibration", "calib_c": "c", "calib_n": "n", "split": "Split"}
 NUMERIC = ["fid", "is", "is_std", "fp_fid", "fp_is", "fp_is_std", "recon_seconds", "total_seconds", "peak_rss_mb",
@@ -28,6 +28,7 @@ def normalise(df: pd.DataFrame) -> pd.DataFrame:
             df[c] = None
     for c in NUMERIC:
         df[c] = pd.to_numeric(df[c], errors="coerce")
+    df["transforms"] = df["transforms"].fillna("")  # runs from before the transforms: the paper's method
     df["job"] = pd.to_numeric(df["job"], errors="coerce").astype("Int64")
 
     def label(r) -> str:
@@ -80,10 +81,12 @@ def paper_table(df: pd.DataFrame) -> pd.DataFrame:
     t["recovered"] = float("nan")
     others = [c for c in axes if c not in CONTEXT] + CONTEXT
     lin = t[(t["method"] == "linear") & t["fid"].notna()]
-    for i, r in t[(t["method"] == "qdiff") & t["fid"].notna() & t["fp_fid"].notna()].iterrows():
+    transformed = ~t["transforms"].astype(str).isin(["", "nan", "None", "<NA>"]) if "transforms" in t else False
+    for i, r in t[((t["method"] == "qdiff") | ((t["method"] == "linear") & transformed)) & t["fid"].notna()
+                  & t["fp_fid"].notna()].iterrows():
         m = lin[(lin["weight_bits"] == r["weight_bits"]) & (lin["act_bits"] == r["act_bits"])]
-        for c in others:
-            m = m[m[c].astype(str) == str(r[c])]
+        for c in others:  # the share of the gap of linear without transforms (the baseline row), in the same context
+            m = m[m[c].astype(str).isin(["", "nan", "None", "<NA>"])] if c == "transforms" else m[m[c].astype(str) == str(r[c])]
         if len(m):
             gap = m["fid"].mean() - r["fp_fid"]
             if gap > 0:
