@@ -4,6 +4,10 @@ import os
 import hydra
 from omegaconf import DictConfig
 
+from qdiff.resolvers import register_resolvers
+
+register_resolvers()  # before Hydra composes: conf/quant/w4a4.yaml uses qdiff_for
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:

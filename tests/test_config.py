@@ -145,3 +145,19 @@ def test_cli_non_checkpoint_source_is_one_line(tmp_path):
     err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "notes.pt is not a checkpoint" in err[0], r.stderr[-1000:]
     assert "weights_only" not in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("variant, tags", [("linear", []), ("qdiff", []), ("smooth", ["smooth0.5"]), ("lowrank", ["lr8"]),
+                                           ("timegroups", ["tg4"])])
+def test_lowbit_variants_compose_and_say_which_pieces_they_use(variant, tags, compose_cfg):
+    spec = build_spec(compose_cfg("experiment=lowbit_digits", f"+lowbit={variant}"))
+    assert spec.quant.method == ("linear" if variant == "linear" else "qdiff") and spec.quant.transforms == tags
+
+
+def test_w4a4_default_transforms_belong_to_qdiff_only(compose_cfg):
+    """quant=w4a4's default combination applies to the qdiff method; quant.method=linear stays the plain baseline."""
+    q = build_spec(compose_cfg("quant=w4a4")).quant
+    lin = build_spec(compose_cfg("quant=w4a4", "quant.method=linear")).quant
+    assert q.method == "qdiff" and q.transforms and lin.method == "linear" and lin.transforms == []
+    assert build_spec(compose_cfg("quant=w4a4", "quant.smooth=null", "quant.lowrank=0",
+                                  "quant.act_time_groups=1")).quant.transforms == []

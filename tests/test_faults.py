@@ -270,8 +270,8 @@ def _nan_step(layer: str):
     """A ``prepare`` whose result has one weight quantizer with a NaN step size (a broken quantizer state)."""
     real = _PREPARE
 
-    def prepare(model, cfg, example):
-        q, specs = real(model, cfg, example)
+    def prepare(model, cfg, example, *args, **kwargs):
+        q, specs = real(model, cfg, example, *args, **kwargs)
         q.get_submodule(layer).wq[0].scale.data.fill_(float("nan"))
         return q, specs
 

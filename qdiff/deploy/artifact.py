@@ -144,7 +144,8 @@ def _layer_entries(row: dict) -> list[list]:
     if row.get("smooth"):  # artifacts written before the transforms have neither column
         entries.append([f"{name}.smooth", dtype, [shape[1]]])
     if row.get("rank"):
-        entries += [[f"{name}.lr_down", dtype, [row["rank"], *shape[1:]]], [f"{name}.lr_up", dtype, [shape[0], row["rank"]]]]
+        lr = "float16"  # the branch's values are float16 (qdiff.quant.transforms.LOWRANK_DTYPE): stored exactly
+        entries += [[f"{name}.lr_down", lr, [row["rank"], *shape[1:]]], [f"{name}.lr_up", lr, [shape[0], row["rank"]]]]
     return entries
 
 
@@ -174,6 +175,10 @@ def export(qmodel: nn.Module, path: str | Path, init_kwargs: dict | None = None,
         own = layer.state_dict()
         for entry in _layer_entries(row):
             tensor = layer.weight_codes() if entry[1] == "codes" else own[entry[0][len(name) + 1:]]
+            if entry[1] == "float16" and tensor.dtype != torch.float16:  # the low-rank branch: float16 values
+                if not torch.equal(tensor.half().to(tensor.dtype), tensor):
+                    raise ConfigError(f"export: {entry[0]} holds values that float16 does not represent")
+                tensor = tensor.half()
             blobs.add(entry[0], tensor, bits=entry[3] if entry[1] == "codes" else None, as_uint8=entry[1] == "uint8",
                       indexed=False)
         rows.append([row[f] for f in LAYER_FIELDS])

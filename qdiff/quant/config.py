@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qdiff.errors import ConfigError, config_from_dict
+from qdiff.resolvers import register_resolvers
+
+register_resolvers()  # quant/ files use qdiff_for (run.py registers it too, before Hydra composes)
 
 METHODS = ("fp", "linear", "qdiff")
 OFF_BITS = (16, 32)
@@ -97,6 +100,9 @@ class QuantConfig:
         check_bits(self.attn_bits, "quant.attn_bits", allow_none=True)
         check_bits(self.first_last_bits, "quant.first_last_bits", allow_none=True)
         check_bits(self.cond_bits, "quant.cond_bits", allow_none=True)
+        # a quant/ file's method-dependent default (``qdiff_for``) gives None for the other methods: off
+        self.lowrank = 0 if self.lowrank is None else self.lowrank
+        self.act_time_groups = 1 if self.act_time_groups is None else self.act_time_groups
         if self.smooth is not None and (isinstance(self.smooth, bool) or not isinstance(self.smooth, (int, float))
                                         or not 0 < self.smooth <= 1):
             raise ConfigError(f"quant.smooth must be null (off) or the migration strength alpha in (0, 1], got {self.smooth!r}")

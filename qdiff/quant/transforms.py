@@ -7,7 +7,7 @@
   The divisor is stored with the layer (``QuantLayer.smooth``), exported with the artifact and applied by both
   deploy backends before the input is quantized.
 * **Low-rank branch** (``QuantConfig.lowrank``; SVDQuant, Li et al. 2025): the top-r singular directions of the
-  (smoothed) weight, ``W ~ up @ down``, run in full precision on the unquantized input; only the residual
+  (smoothed) weight, ``W ~ up @ down`` with float16 factors, run in 16-bit precision on the unquantized input; only the residual
   ``W - up @ down`` is quantized (and reconstructed). A branch of full rank leaves nothing to quantize, so it
   reproduces the FP output exactly.
 
@@ -27,6 +27,8 @@ from qdiff.quant.layers import QuantLayer
 
 log = logging.getLogger("qdiff")
 
+#: The low-rank branch's factors hold values of this dtype (stored so in the artifact); LOWRANK_MAX is its range.
+LOWRANK_DTYPE, LOWRANK_MAX = torch.float16, 6.0e4
 #: Smoothing factors are kept within [1/SMOOTH_CLAMP, SMOOTH_CLAMP] (channels that never fire keep 1).
 SMOOTH_CLAMP = 1e4
 
@@ -100,17 +102,23 @@ def apply_smoothing(q: nn.Module, act_absmax: dict[str, torch.Tensor], alpha: fl
 @torch.no_grad()
 def apply_lowrank(q: nn.Module) -> int:
     """Split each branch layer's weight into its top-r SVD part (FP branch) and the residual (quantized)."""
+    from qdiff.errors import ConfigError
+
     done = 0
-    for _, layer in q.named_modules():
+    for name, layer in q.named_modules():
         if not isinstance(layer, QuantLayer) or not layer.rank:
             continue
         w = layer.weight
         w2 = w.detach().reshape(w.shape[0], -1).double()
         u, s, vh = torch.linalg.svd(w2, full_matrices=False)
         r = layer.rank
-        up, down = u[:, :r] * s[:r], vh[:r]
-        layer.lr_up.copy_(up.to(w.dtype))
-        layer.lr_down.copy_(down.reshape(r, *w.shape[1:]).to(w.dtype))
+        root = s[:r].sqrt()  # sqrt(S) on each side keeps both factors' values within 16-bit range
+        up, down = u[:, :r] * root, root[:, None] * vh[:r]
+        if max(float(up.abs().max()), float(down.abs().max())) > LOWRANK_MAX:
+            raise ConfigError(f"low-rank branch: {name}'s singular values are too large for a 16-bit branch")
+        # the branch holds float16 values (what SVDQuant runs and what the artifact stores, exactly)
+        layer.lr_up.copy_(up.to(LOWRANK_DTYPE).to(w.dtype))
+        layer.lr_down.copy_(down.reshape(r, *w.shape[1:]).to(LOWRANK_DTYPE).to(w.dtype))
         # the residual against the branch as it is stored (its own rounding included), so FP output is unchanged
         stored = layer.lr_up.double() @ layer.lr_down.reshape(r, -1).double()
         w.copy_((w2 - stored).reshape(w.shape).to(w.dtype))

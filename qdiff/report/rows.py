@@ -6,7 +6,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from qdiff.resolvers import register_resolvers
 from qdiff.runstatus import RunStatus, read_metrics, read_status
+
+register_resolvers()  # saved job configs keep conf/quant's qdiff_for interpolations
 
 
 def _sel(cfg: DictConfig | None, key: str) -> Any:
