@@ -150,8 +150,12 @@ def test_cli_non_checkpoint_source_is_one_line(tmp_path):
 @pytest.mark.parametrize("variant, tags", [("linear", []), ("qdiff", []), ("smooth", ["smooth0.5"]), ("lowrank", ["lr8"]),
                                            ("timegroups", ["tg4"])])
 def test_lowbit_variants_compose_and_say_which_pieces_they_use(variant, tags, compose_cfg):
-    spec = build_spec(compose_cfg("experiment=lowbit_digits", f"+lowbit={variant}"))
+    from qdiff.report.rows import config_fields
+
+    cfg = compose_cfg("experiment=lowbit_digits", f"+lowbit={variant}")
+    spec = build_spec(cfg)
     assert spec.quant.method == ("linear" if variant == "linear" else "qdiff") and spec.quant.transforms == tags
+    assert config_fields(cfg)["transforms"] == "+".join(tags)     # the report's column for a job without metrics
 
 
 def test_w4a4_default_transforms_belong_to_qdiff_only(compose_cfg):

@@ -32,13 +32,16 @@ def config_fields(cfg: DictConfig | None) -> dict:
         "split": _sel(cfg, "quant.split"), "calib_mode": _sel(cfg, "calib.mode"), "calib_c": _sel(cfg, "calib.c"),
         "calib_n": _sel(cfg, "calib.n"), "sampler": _sel(cfg, "sampler.name"), "steps": _sel(cfg, "sampler.steps"),
         "n_samples": _sel(cfg, "eval.n_samples"), "seed": _sel(cfg, "seed"),
-        "transforms": "" if fp else transform_tags(_sel(cfg, "quant.smooth"), _sel(cfg, "quant.lowrank")),
+        "transforms": "" if fp else transform_tags(_sel(cfg, "quant.smooth"), _sel(cfg, "quant.lowrank"),
+                                                   _sel(cfg, "quant.act_time_groups"), _sel(cfg, "quant.act_bits")),
     }
 
 
-def transform_tags(smooth, lowrank) -> str:
+def transform_tags(smooth, lowrank, time_groups=None, act_bits=None) -> str:
     """The run's transforms as in metrics.json (``QuantConfig.transforms`` joined by '+'; '' = the paper's method)."""
     tags = ([f"smooth{float(smooth):g}"] if smooth is not None else []) + ([f"lr{int(lowrank)}"] if lowrank else [])
+    if time_groups and int(time_groups) > 1 and act_bits not in (16, 32):
+        tags.append(f"tg{int(time_groups)}")
     return "+".join(tags)
 
 
