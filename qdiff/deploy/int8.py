@@ -34,7 +34,7 @@ from torch import nn
 
 from qdiff.errors import ConfigError
 from qdiff.models.base import call, unwrap_output
-from qdiff.quant.layers import QuantLayer
+from qdiff.quant.layers import QuantLayer, lowrank_branch, smooth_input
 from qdiff.quant.wrap import quant_layers
 
 log = logging.getLogger("qdiff")
@@ -179,18 +179,14 @@ class Int8Layer(nn.Module):
             x = F.pad(up, (pl, pr, pt, pb))
         if self.org_type == "Linear" and x.dim() > 2:
             return self.forward(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+        linear = self.org_type == "Linear"
         if self.smooth is not None:
-            x = x / (self.smooth if self.org_type == "Linear" else self.smooth.view(-1, *([1] * (x.dim() - 2))))
+            x = smooth_input(x, self.smooth, linear)
         if not self.split:
             y = self._part(0, x, self.bias)
         else:
             y = self._part(0, x[:, :self.split], self.bias) + self._part(1, x[:, self.split:], None)
-        if not self.rank:
-            return y
-        if self.org_type == "Linear":
-            return y + F.linear(F.linear(x, self.lr_down), self.lr_up)
-        h = self.fn(x, self.lr_down, None, **self.kw)
-        return y + self.fn(h, self.lr_up.view(*self.lr_up.shape, *([1] * (h.dim() - 2))))
+        return y + lowrank_branch(x, self.lr_down, self.lr_up, self.fn, self.kw, linear) if self.rank else y
 
 
 class _Eps(nn.Module):

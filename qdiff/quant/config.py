@@ -13,6 +13,17 @@ OFF_BITS = (16, 32)
 SCALE_METHODS = ("minmax", "mse")
 
 
+def transform_tags(smooth: float | None, lowrank: int | None, act_time_groups: int | None, act_bits: int) -> list[str]:
+    """Short tags of the transforms added to the paper's method (``QuantConfig.transforms``; the report reads a job's
+    config with it): e.g. ['smooth0.5', 'lr8', 'tg4']; empty for the paper's method."""
+    out = [f"smooth{float(smooth):g}"] if smooth is not None else []
+    if lowrank:
+        out.append(f"lr{int(lowrank)}")
+    if act_time_groups and int(act_time_groups) > 1 and act_bits not in OFF_BITS:
+        out.append(f"tg{int(act_time_groups)}")
+    return out
+
+
 def quant_label(weight_bits: int, act_bits: int) -> str:
     """Paper-style bit label, e.g. W4A8 (full precision: W32A32)."""
     return f"W{weight_bits}A{act_bits}"
@@ -147,14 +158,7 @@ class QuantConfig:
     @property
     def transforms(self) -> list[str]:
         """The methods added to the paper's, as short tags (empty for the paper's method): e.g. ['smooth0.5', 'lr16']."""
-        out = []
-        if self.smooth is not None:
-            out.append(f"smooth{self.smooth:g}")
-        if self.lowrank:
-            out.append(f"lr{self.lowrank}")
-        if self.act_time_groups > 1 and self.act_bits not in OFF_BITS:
-            out.append(f"tg{self.act_time_groups}")
-        return out
+        return transform_tags(self.smooth, self.lowrank, self.act_time_groups, self.act_bits)
 
     @property
     def label(self) -> str:

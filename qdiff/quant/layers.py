@@ -43,6 +43,19 @@ def _fwd_kwargs(m: nn.Module) -> dict:
     return kw
 
 
+def smooth_input(x: torch.Tensor, smooth: torch.Tensor, linear: bool) -> torch.Tensor:
+    """``x`` divided by per-input-channel smoothing factors (last axis of a Linear's input, axis 1 of a conv's)."""
+    return x / (smooth if linear else smooth.view(-1, *([1] * (x.dim() - 2))))
+
+
+def lowrank_branch(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, fn: Callable, kw: dict, linear: bool) -> torch.Tensor:
+    """``x`` through a rank-r weight ``up @ down``: the layer's op with ``down`` (r outputs), then ``up`` (1x1)."""
+    if linear:
+        return F.linear(F.linear(x, down), up)
+    h = fn(x, down, None, **kw)
+    return fn(h, up.view(*up.shape, *([1] * (h.dim() - 2))))
+
+
 def _hooked(m: nn.Module) -> bool:
     from torch.nn.modules import module as _mod
 
@@ -147,24 +160,12 @@ class QuantLayer(nn.Module):
                 return out
         return torch.cat([a(x[:, : self.split]), b(x[:, self.split :])], dim=1)
 
-    def smooth_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The input divided by the smoothing factors (channels: last axis of a Linear's input, axis 1 of a conv's)."""
-        if self.smooth is None:
-            return x
-        s = self.smooth if self.org_type == "Linear" else self.smooth.view(-1, *([1] * (x.dim() - 2)))
-        return x / s
-
-    def lowrank_branch(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` through the full-precision rank-r part of the weight: the layer's op with ``lr_down``, then ``lr_up``."""
-        if self.org_type == "Linear":
-            return F.linear(F.linear(x, self.lr_down), self.lr_up)
-        h = self.fn(x, self.lr_down, None, **self.fwd_kwargs)
-        return self.fn(h, self.lr_up.view(*self.lr_up.shape, *([1] * (h.dim() - 2))))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.smooth_input(x)
+        linear = self.org_type == "Linear"
+        if self.smooth is not None:
+            x = smooth_input(x, self.smooth, linear)
         y = self.fn(self.quantize_input(x), self.quantized_weight(), self.bias, **self.fwd_kwargs)
-        return y + self.lowrank_branch(x) if self.rank else y
+        return y + lowrank_branch(x, self.lr_down, self.lr_up, self.fn, self.fwd_kwargs, linear) if self.rank else y
 
     # --- AdaRound -------------------------------------------------------------------------------
     def start_adaround(self) -> list[AdaRoundQuantizer]:

@@ -34,7 +34,8 @@ SMOOTH_CLAMP = 1e4
 
 
 def _channel_axis(layer: nn.Module) -> int:
-    return -1 if isinstance(layer, (nn.Linear, QuantLayer)) and getattr(layer, "org_type", "Linear") == "Linear" else 1
+    """Input-channel axis of an FP layer's input: last for a Linear, 1 for a conv."""
+    return -1 if isinstance(layer, nn.Linear) else 1
 
 
 @torch.no_grad()

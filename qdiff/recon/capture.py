@@ -198,12 +198,17 @@ def unit_call_args(cache: UnitCache, rows: np.ndarray, calib, sample_idx: np.nda
     return args, kwargs
 
 
-def row_timesteps(unit: nn.Module, calib, sample_idx: np.ndarray, rows: np.ndarray):
-    """A context giving the unit's timestep-aware quantizers the timesteps of cached rows (a no-op without them)."""
+def uses_timesteps(unit: nn.Module) -> bool:
+    """Whether the unit holds timestep-aware quantizers (which need :func:`row_timesteps` around its calls)."""
+    from qdiff.quant.timegroups import TimestepQuantizer
+
+    return any(isinstance(m, TimestepQuantizer) for m in unit.modules())
+
+
+def row_timesteps(needed: bool, calib, sample_idx: np.ndarray, rows: np.ndarray):
+    """A context giving a unit's timestep-aware quantizers the timesteps of cached rows (a no-op if not ``needed``)."""
     from contextlib import nullcontext
 
-    from qdiff.quant.timegroups import TimestepQuantizer, timesteps
+    from qdiff.quant.timegroups import timesteps
 
-    if not any(isinstance(m, TimestepQuantizer) for m in unit.modules()):
-        return nullcontext()
-    return timesteps(calib.get(sample_idx[rows], "cpu")[1])
+    return timesteps(calib.get(sample_idx[rows], "cpu")[1]) if needed else nullcontext()

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from qdiff.errors import DataError
 from qdiff.quant.adaround import AdaRoundQuantizer
-from qdiff.recon.capture import UnitCache, row_timesteps, target_slots, unit_call_args, unit_outputs
+from qdiff.recon.capture import UnitCache, row_timesteps, target_slots, unit_call_args, unit_outputs, uses_timesteps
 from qdiff.recon.config import ReconConfig
 
 #: Losses are read back and logged every LOG_EVERY optimisation steps (and at the last one).
@@ -55,6 +55,7 @@ class ReconModule(pl.LightningModule):
                  adaround: list[AdaRoundQuantizer] | None = None, name: str = "") -> None:
         super().__init__()
         self.unit, self.unit_name = unit, name
+        self.timed = uses_timesteps(unit)  # timestep-aware quantizers: each step gives them its rows' timesteps
         self.cache, self.calib, self.sample_idx = cache, calib, sample_idx
         self.phase, self.cfg, self.steps, self.seed = phase, cfg, steps, seed
         self.recon_params = params
@@ -102,7 +103,7 @@ class ReconModule(pl.LightningModule):
     def unit_output(self, rows: np.ndarray) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The unit's outputs on cached rows and their FP targets."""
         args, kwargs = unit_call_args(self.cache, rows, self.calib, self.sample_idx, self.device)
-        with row_timesteps(self.unit, self.calib, self.sample_idx, rows):
+        with row_timesteps(self.timed, self.calib, self.sample_idx, rows):
             outs = unit_outputs(self.unit(*args, **kwargs))
         return outs, [self.cache.read(s, rows, self.device) for s in target_slots(len(outs))]
 

@@ -27,7 +27,8 @@ from qdiff.errors import DataError
 from qdiff.quant.config import QuantConfig
 from qdiff.quant.layers import QuantLayer
 from qdiff.quant.wrap import act_quantizers, activations_fp
-from qdiff.recon.capture import UnitCache, capture_unit, row_timesteps, target_slots, unit_call_args, unit_outputs
+from qdiff.recon.capture import (UnitCache, capture_unit, row_timesteps, target_slots, unit_call_args, unit_outputs,
+                                 uses_timesteps)
 from qdiff.recon.config import ReconConfig
 from qdiff.recon.units import Unit
 
@@ -253,11 +254,12 @@ def _eval_mse(unit_mod: nn.Module, cache: UnitCache, ctx: Context) -> float:
     from qdiff.recon.module import unit_loss
 
     rows = np.arange(min(EVAL_ROWS, cache.n))
+    timed = uses_timesteps(unit_mod)
     total = 0.0
     for s in range(0, len(rows), 64):
         r = rows[s:s + 64]
         args, kwargs = unit_call_args(cache, r, ctx.calib, ctx.sample_idx, ctx.device)
-        with row_timesteps(unit_mod, ctx.calib, ctx.sample_idx, r):
+        with row_timesteps(timed, ctx.calib, ctx.sample_idx, r):
             out = unit_mod(*args, **kwargs)
         outs = unit_outputs(out)
         total += float(unit_loss(outs, [cache.read(s, r, ctx.device) for s in target_slots(len(outs))])) * len(r)

@@ -6,6 +6,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from qdiff.quant.config import transform_tags
 from qdiff.resolvers import register_resolvers
 from qdiff.runstatus import RunStatus, read_metrics, read_status
 
@@ -32,17 +33,10 @@ def config_fields(cfg: DictConfig | None) -> dict:
         "split": _sel(cfg, "quant.split"), "calib_mode": _sel(cfg, "calib.mode"), "calib_c": _sel(cfg, "calib.c"),
         "calib_n": _sel(cfg, "calib.n"), "sampler": _sel(cfg, "sampler.name"), "steps": _sel(cfg, "sampler.steps"),
         "n_samples": _sel(cfg, "eval.n_samples"), "seed": _sel(cfg, "seed"),
-        "transforms": "" if fp else transform_tags(_sel(cfg, "quant.smooth"), _sel(cfg, "quant.lowrank"),
-                                                   _sel(cfg, "quant.act_time_groups"), _sel(cfg, "quant.act_bits")),
+        # as metrics.json writes it ('' = the paper's method), for jobs that have none yet
+        "transforms": "" if fp else "+".join(transform_tags(_sel(cfg, "quant.smooth"), _sel(cfg, "quant.lowrank"),
+                                                            _sel(cfg, "quant.act_time_groups"), _sel(cfg, "quant.act_bits"))),
     }
-
-
-def transform_tags(smooth, lowrank, time_groups=None, act_bits=None) -> str:
-    """The run's transforms as in metrics.json (``QuantConfig.transforms`` joined by '+'; '' = the paper's method)."""
-    tags = ([f"smooth{float(smooth):g}"] if smooth is not None else []) + ([f"lr{int(lowrank)}"] if lowrank else [])
-    if time_groups and int(time_groups) > 1 and act_bits not in (16, 32):
-        tags.append(f"tg{int(time_groups)}")
-    return "+".join(tags)
 
 
 def metric_fields(m: dict) -> dict:

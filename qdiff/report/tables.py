@@ -81,12 +81,12 @@ def paper_table(df: pd.DataFrame) -> pd.DataFrame:
     t["recovered"] = float("nan")
     others = [c for c in axes if c not in CONTEXT] + CONTEXT
     lin = t[(t["method"] == "linear") & t["fid"].notna()]
-    transformed = ~t["transforms"].astype(str).isin(["", "nan", "None", "<NA>"]) if "transforms" in t else False
-    for i, r in t[((t["method"] == "qdiff") | ((t["method"] == "linear") & transformed)) & t["fid"].notna()
+    plain = t["transforms"].fillna("") == ""  # the paper's method (FP reference rows carry no transforms)
+    for i, r in t[((t["method"] == "qdiff") | ((t["method"] == "linear") & ~plain)) & t["fid"].notna()
                   & t["fp_fid"].notna()].iterrows():
         m = lin[(lin["weight_bits"] == r["weight_bits"]) & (lin["act_bits"] == r["act_bits"])]
         for c in others:  # the share of the gap of linear without transforms (the baseline row), in the same context
-            m = m[m[c].astype(str).isin(["", "nan", "None", "<NA>"])] if c == "transforms" else m[m[c].astype(str) == str(r[c])]
+            m = m[plain.loc[m.index]] if c == "transforms" else m[m[c].astype(str) == str(r[c])]
         if len(m):
             gap = m["fid"].mean() - r["fp_fid"]
             if gap > 0:
