@@ -80,9 +80,10 @@ def test_smoothing_factors_balance_the_channel_maxima():
     assert torch.allclose(a[:2] / s[:2], w.abs().amax(0)[:2] * s[:2])
 
 
-@pytest.mark.parametrize("bad", [{"smooth": 0.0}, {"smooth": 1.5}, {"smooth": True}, {"lowrank": -1}, {"lowrank": 2.0}])
+@pytest.mark.parametrize("bad", [{"smooth": 0.0}, {"smooth": 1.5}, {"smooth": True}, {"lowrank": -1}, {"lowrank": 2.0},
+                                 {"act_time_groups": 0}, {"act_time_groups": 2.5}])
 def test_bad_transform_settings_are_one_clear_error(bad):
-    with pytest.raises(ConfigError, match="quant.smooth|quant.lowrank"):
+    with pytest.raises(ConfigError, match="quant.smooth|quant.lowrank|quant.act_time_groups"):
         QuantConfig(**bad)
 
 
