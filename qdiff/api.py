@@ -103,7 +103,7 @@ def shortcut_splits(model: nn.Module, cfg: QuantConfig, inputs: tuple, cond: dic
 
 def quantize(model: nn.Module, config: QuantConfig, calib=None, recon=None, device: torch.device | str | None = None,
              work_dir: str | Path | None = None, act_init_samples: int = 256, progress: bool = True,
-             logger=False) -> nn.Module:
+             logger=False, workers: int | None = None, launcher: str | None = None) -> nn.Module:
     """A quantized copy of ``model`` (the original is untouched), or ``model`` itself for ``method="fp"``.
 
     ``calib`` (a set from :func:`qdiff.calibration_data`, or a tuple ``(x_t, t[, cond])``) is needed to detect
@@ -112,6 +112,10 @@ def quantize(model: nn.Module, config: QuantConfig, calib=None, recon=None, devi
     sizes, block by block (``recon``: a ReconConfig; ``work_dir``: checkpoint folder to resume from). The
     returned model carries ``quant_specs`` (the per-layer table) and ``qdiff_report`` (per-unit MSE, rounding
     hardness, cost; ``seconds`` splits the time into wrapping and reconstruction).
+
+    ``workers``/``launcher``: reconstruct the units that take FP inputs in parallel, on ``workers`` submitit jobs run
+    by ``launcher`` ("local" processes or a "slurm" job array); shorthands for ``recon.workers``/``recon.launcher``,
+    and they need ``work_dir`` (:mod:`qdiff.recon.parallel`).
     """
     from qdiff.recon.config import ReconConfig
 
@@ -123,6 +127,11 @@ def quantize(model: nn.Module, config: QuantConfig, calib=None, recon=None, devi
                           "shortcut splits and activation ranges")
     check_calibration(calib)  # one line naming the first non-finite row, before any work
     recon = recon or ReconConfig()
+    if workers is not None or launcher is not None:
+        import dataclasses
+
+        recon = dataclasses.replace(recon, workers=recon.workers if workers is None else workers,
+                                    launcher=launcher or recon.launcher)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     t0 = time.perf_counter()
     q, specs = prepare(model, config, calib.get([0, min(1, len(calib) - 1)], device), calib, act_init_samples, recon.seed)

@@ -14,6 +14,10 @@ class CheckpointError(QDiffError, RuntimeError):
     """A checkpoint file is missing, unreadable, corrupt or does not fit the model."""
 
 
+class WorkerError(QDiffError, RuntimeError):
+    """A job of a parallel reconstruction failed or did not finish its units (what it finished is kept)."""
+
+
 class DataError(QDiffError, ValueError):
     """Numbers broke: calibration data, a model's output, a loss or a quantized model holds non-finite values.
 

@@ -68,6 +68,11 @@ class CalibrationSet:
                    for k, kind in self.uncond_kind.items()}
         self.unconds = unconds or None
 
+    def __reduce__(self):
+        """Pickled as its folder (a parallel reconstruction's jobs reopen it; memory maps are not copied, and a set in a
+        temporary folder is never removed by a copy)."""
+        return CalibrationSet, (self.root,)
+
     @property
     def cond(self) -> np.ndarray | None:
         """The text conditioning rows (``encoder_hidden_states``) of a text-guided set, else None."""

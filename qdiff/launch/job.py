@@ -93,6 +93,13 @@ def submit(overrides: Sequence[str], executor_params: dict[str, Any] | None = No
     """
     job_fn = QDiffJob(overrides, run_dir=run_dir)
     folder = Path(folder) if folder is not None else Path(job_fn.run_dir) / ".submitit" / "%j"
+    executor = make_executor(folder, cluster, {"name": "qdiff-" + Path(job_fn.run_dir).name, **(executor_params or {})})
+    return executor.submit(job_fn), Path(job_fn.run_dir)
+
+
+def make_executor(folder: str | Path, cluster: str | None, executor_params: dict[str, Any] | None = None) -> submitit.Executor:
+    """A submitit executor with qdiff's defaults (``DEFAULT_EXECUTOR_PARAMS``; on SLURM: offline W&B, one OpenMP
+    thread per CPU of the task, ``QDIFF_SLURM_PARTITION``) under ``executor_params``; ``cluster`` as in :func:`submit`."""
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=MAX_NUM_TIMEOUT)
     params = {**DEFAULT_EXECUTOR_PARAMS, **(executor_params or {})}
     if executor.cluster == "slurm":
@@ -101,9 +108,8 @@ def submit(overrides: Sequence[str], executor_params: dict[str, Any] | None = No
                                           f"export OMP_NUM_THREADS={cpus}"])
         if os.environ.get("QDIFF_SLURM_PARTITION"):
             params.setdefault("slurm_partition", os.environ["QDIFF_SLURM_PARTITION"])
-    params.setdefault("name", "qdiff-" + Path(job_fn.run_dir).name)
     # submitit ignores parameters of other executors only if they carry their prefix: drop foreign ones.
     prefixes = ("slurm_", "local_", "debug_")
     params = {k: v for k, v in params.items() if not k.startswith(prefixes) or k.startswith(executor.cluster + "_")}
     executor.update_parameters(**params)
-    return executor.submit(job_fn), Path(job_fn.run_dir)
+    return executor

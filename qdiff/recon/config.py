@@ -20,7 +20,16 @@ PRESET_FILES = {"paper": "default", "cpu": "cpu"}
 
 
 #: Settings that never change a reconstruction's result (left out of cache keys and work-folder identities).
-RESULT_NEUTRAL = ("resume", "lightning_progress", "stop_when_hard")
+RESULT_NEUTRAL = ("resume", "lightning_progress", "stop_when_hard", "workers", "launcher", "worker_params",
+                  "worker_retries")
+
+#: Where a unit's inputs come from, per phase (weights = AdaRound, acts = LSQ).
+INPUT_SOURCES = {"quantized": ("quantized", "quantized"), "fp": ("fp", "fp"),
+                 "fp_then_quantized": ("fp", "quantized")}
+#: What ``recon.workers > 1`` does with ``input_source=quantized`` (the paper's sequential mode cannot run in
+#: parallel): AdaRound on FP inputs spread over the workers, then the LSQ pass on quantized inputs in order, a
+#: sequential refinement (measured: README "Calibrate across machines").
+PARALLEL_INPUT_SOURCE = "fp_then_quantized"
 
 
 @dataclass
@@ -46,7 +55,9 @@ class ReconConfig:
     granularity: str = "block"
     #: Extra blocks for networks outside the registry: regexes on module names (re.fullmatch).
     block_patterns: list = field(default_factory=list)
-    #: Where a block's inputs come from: quantized (model with the earlier blocks already quantized) or fp.
+    #: Where a block's inputs come from: quantized (model with the earlier blocks already quantized; the paper), fp
+    #: (the FP model's: every unit independent, so they can run in parallel), or fp_then_quantized (AdaRound on FP
+    #: inputs, in parallel; then the activation step sizes in order on quantized inputs).
     input_source: str = "quantized"
     #: Calibration samples used (None = all N). Inputs and FP targets of the current block are cached.
     num_samples: int | None = None
@@ -71,6 +82,20 @@ class ReconConfig:
     stop_when_hard: bool = True
     #: Lightning's own progress bar for every unit loop (off: one reconstruction bar shows unit, step and loss).
     lightning_progress: bool = False
+    #: Parallel reconstruction: the unit steps that only need FP inputs are split over this many jobs (1: all in
+    #: this process). With input_source=quantized, workers > 1 switches to PARALLEL_INPUT_SOURCE (said in the log).
+    #: Needs a work folder (the jobs write their units' checkpoints there; on SLURM it must be on a shared disk).
+    workers: int = 1
+    #: Where the jobs run, through submitit: local (processes on this machine) or slurm (a job array).
+    launcher: str = "local"
+    #: submitit executor parameters of each job (e.g. slurm_partition, timeout_min, cpus_per_task, gpus_per_node).
+    worker_params: dict | None = None
+    #: Times a failed or killed job's unfinished units are resubmitted before the reconstruction stops.
+    worker_retries: int = 1
+
+    def source(self, phase: str) -> str:
+        """Where the units' inputs come from in ``phase`` (``weights`` or ``acts``): quantized or fp."""
+        return INPUT_SOURCES[self.input_source][phase == "acts"]
 
     def result_settings(self) -> dict:
         """The settings that determine the result (what a cache key or a work folder records)."""
@@ -98,8 +123,17 @@ class ReconConfig:
             raise ConfigError(f"recon.warmup must be in [0, 1), got {self.warmup}")
         if self.granularity not in ("block", "layer"):
             raise ConfigError(f"recon.granularity must be block or layer, got '{self.granularity}'")
-        if self.input_source not in ("quantized", "fp"):
-            raise ConfigError(f"recon.input_source must be quantized or fp, got '{self.input_source}'")
+        if self.input_source not in INPUT_SOURCES:
+            raise ConfigError(f"recon.input_source must be one of {', '.join(INPUT_SOURCES)}, got '{self.input_source}'")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ConfigError(f"recon.workers must be an integer >= 1, got {self.workers!r}")
+        if self.launcher not in ("local", "slurm"):
+            raise ConfigError(f"recon.launcher must be local or slurm, got '{self.launcher}'")
+        if not isinstance(self.worker_retries, int) or self.worker_retries < 0:
+            raise ConfigError(f"recon.worker_retries must be an integer >= 0, got {self.worker_retries!r}")
+        self.worker_params = dict(self.worker_params or {})
+        if self.workers > 1 and self.input_source == "quantized":
+            self.input_source = PARALLEL_INPUT_SOURCE
         if self.cache_storage not in ("memory", "disk"):
             raise ConfigError(f"recon.cache_storage must be memory or disk, got '{self.cache_storage}'")
         if self.precision not in ("32-true", "32", "bf16-mixed", "16-mixed"):

@@ -102,21 +102,39 @@ def plan(ctx: Context, units: list[Unit], order: list[str], act_init_samples: in
     return steps
 
 
-def run_steps(steps: list[Step], ctx: Context, ckpt: Checkpoints, progress: bool) -> list[StepReport]:
-    """Run (or restore) every step in order, checkpointing each; one progress bar for all of them."""
-    from qdiff.recon.module import BarPostfix
+def run_steps(steps: list[Step], ctx: Context, ckpt: Checkpoints, progress: bool) -> tuple[list[StepReport], list[dict]]:
+    """Run (or restore) every step in order, checkpointing each; one progress bar for all of them.
 
-    reports = []
+    With ``recon.workers > 1`` each run of consecutive independent unit steps (FP inputs) that is not finished yet
+    goes to the workers first (:func:`qdiff.recon.parallel.run_parallel`); their parts are then restored and
+    checkpointed here in plan order, exactly as if this process had run them. Returns the reports and the
+    parallel phases' accounting.
+    """
+    from qdiff.recon.module import BarPostfix
+    from qdiff.recon.parallel import Parts, run_parallel
+
+    reports, phases = [], []
+    parts = Parts(ckpt.root) if ckpt.root is not None else None
     bar = tqdm(total=len(steps), desc="reconstruction", unit="step", disable=not progress)
     shown = BarPostfix(bar)
     ctx.callbacks = [shown] if progress else []
     with _quiet_lightning():
-        for step in steps:
+        for i, step in enumerate(steps):
             shown.label = step.name
             bar.set_postfix_str(step.name)
+            if ctx.cfg.workers > 1 and _independent(step, ctx) and not (i and _independent(steps[i - 1], ctx)):
+                group = _independent_run(steps, i, ctx, ckpt)  # a run of independent steps starts here
+                if len(group) > 1 and not all(parts.done(s.name) for s in group):
+                    phases.append({"steps": len(group), **run_parallel(group, ctx, ckpt.root, progress)})
             if ckpt.done(step.name):
                 state, rep = ckpt.load(step.name)
                 step.restore(ctx, state)
+            elif parts is not None and parts.done(step.name):  # finished by a worker: taken over as is
+                state, rep_dict = parts.load(step.name)
+                step.restore(ctx, state)
+                rep = StepReport(**rep_dict)
+                ckpt.save(step.name, state, rep)
+                parts.remove(step.name)
             else:
                 try:
                     rep = step.run(ctx)
@@ -128,7 +146,19 @@ def run_steps(steps: list[Step], ctx: Context, ckpt: Checkpoints, progress: bool
             reports.append(rep)
             bar.update(1)
     bar.close()
-    return reports
+    return reports, phases
+
+
+def _independent(step: Step, ctx: Context) -> bool:
+    return bool(getattr(step, "independent", None) and step.independent(ctx.cfg))
+
+
+def _independent_run(steps: list[Step], i: int, ctx: Context, ckpt: Checkpoints) -> list[Step]:
+    """The unfinished steps of the run of consecutive independent steps starting at ``i``."""
+    j = i
+    while j < len(steps) and _independent(steps[j], ctx):
+        j += 1
+    return [s for s in steps[i:j] if not ckpt.done(s.name)]
 
 
 def recon_ident(ctx: Context, units: list[Unit], specs: list | None) -> dict:
@@ -174,11 +204,19 @@ def reconstruct(fp_model: nn.Module, q_model: nn.Module, calib, qcfg: QuantConfi
     sample_idx = np.sort(np.random.default_rng(cfg.seed).choice(len(calib), size=n, replace=False))
     if cfg.cache_storage == "disk" and work_dir is None:
         raise ConfigError("recon.cache_storage=disk needs a work_dir")
+    if cfg.workers > 1 and work_dir is None:
+        raise ConfigError(f"recon.workers={cfg.workers} needs a work_dir: the workers write their units' checkpoints there "
+                          "(on SLURM, a folder on a disk every node sees)")
     ctx = Context(fp_model, q_model, calib, qcfg, cfg, device, sample_idx,
                   disk=Path(work_dir) / "unit_cache" if cfg.cache_storage == "disk" else None, logger=logger)
     steps = plan(ctx, units, order, act_init_samples)
     with _work_folder(work_dir, recon_ident(ctx, units, specs), fresh=not cfg.resume) as root:
-        reports = run_steps(steps, ctx, Checkpoints(root), progress)
+        if cfg.workers > 1:
+            log.info("reconstruction on %d %s workers: %s", cfg.workers, cfg.launcher, {
+                "fp": "every unit on FP inputs, AdaRound and LSQ in parallel",
+                "fp_then_quantized": "AdaRound on FP inputs in parallel, then LSQ in order on quantized inputs",
+            }[cfg.input_source])
+        reports, phases = run_steps(steps, ctx, Checkpoints(root), progress)
     done = [r for r in reports if not r.resumed]
     hard = _warn_undecided_rounding(reports, cfg)
     return {
@@ -193,6 +231,8 @@ def reconstruct(fp_model: nn.Module, q_model: nn.Module, calib, qcfg: QuantConfi
         "seconds_capture": round(sum(r.capture_seconds for r in done), 2),
         "seconds_optimize": round(sum(r.optimize_seconds for r in done), 2),
         "work_dir": None if work_dir is None else str(work_dir),
+        "parallel": {"workers": cfg.workers, "launcher": cfg.launcher, "input_source": cfg.input_source,
+                     "phases": phases} if cfg.workers > 1 else None,
     }
 
 

@@ -50,6 +50,8 @@ class StepReport:
     #: Optimisation steps run (AdaRound may end early once the rounding is decided: recon.stop_when_hard).
     iterations: int | None = None
     resumed: bool = False
+    #: The job that ran the step in a parallel reconstruction (None: this process).
+    worker: str | None = None
     #: Step-specific results kept with the checkpoint (e.g. the bias match's shift), JSON-serialisable.
     extra: dict = field(default_factory=dict)
 
@@ -108,6 +110,11 @@ class _UnitStep:
     def iters(self, cfg: ReconConfig) -> int:
         raise NotImplementedError
 
+    def independent(self, cfg: ReconConfig) -> bool:
+        """Whether the step needs nothing from the other units' steps of its phase (FP inputs): it may run in
+        another process, at the same time as they do (:mod:`qdiff.recon.parallel`)."""
+        return cfg.source(self.phase) == "fp"
+
     def begin(self, ctx: Context) -> tuple[list[nn.Parameter], list]:
         """Prepare the unit; returns (parameters to learn, AdaRound quantizers)."""
         raise NotImplementedError
@@ -121,7 +128,7 @@ class _UnitStep:
         unit_mod = self.module(ctx)
         t = time.perf_counter()
         cache = capture_unit(self.unit.name, ctx.fp_model, ctx.q_model, ctx.calib, ctx.sample_idx, ctx.cfg.capture_batch_size,
-                             ctx.device, ctx.cfg.cache_storage, ctx.disk, ctx.cfg.input_source, progress=False)
+                             ctx.device, ctx.cfg.cache_storage, ctx.disk, ctx.cfg.source(self.phase), progress=False)
         rep = StepReport(self.name, self.unit.name, self.unit.kind, self.unit.n_layers,
                          capture_seconds=round(time.perf_counter() - t, 2))
         rep.mse_before = _eval_mse(unit_mod, cache, ctx)
