@@ -29,53 +29,12 @@ import numpy as np
 import torch
 
 from common import ROOT, print_table, write_json
+from qdiff.recon.units import sync, unit_forward_ms
 
 #: The paper's budget (Appendix A) and Stable Diffusion's calibration settings (Table 5).
 PAPER = {"weight_iters": 20000, "act_iters": 5000, "batch_size": 32, "T": 50, "c": 2, "n": 256, "N": 6400}
 #: What the issue quotes for Q-Diffusion W4A8 on LDM-4 bedroom (official code): GPU-hours and memory.
 PUBLISHED = {"gpu_hours": 23.0, "memory_gb": 10.3, "model": "LDM-4 LSUN-Bedroom"}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def unit_forward_ms(model, unit_names: list[str], x, t, cond, device, repeats: int = 3) -> tuple[dict, float]:
-    """Median forward milliseconds of each unit (hooks around it) and of the whole model, at this batch."""
-    from qdiff.models.base import eps
-
-    mods = {n: model.get_submodule(n) for n in unit_names}
-    per: dict[str, list[float]] = {n: [] for n in unit_names}
-    total: list[float] = []
-    starts: dict[str, float] = {}
-
-    def pre(name):
-        def hook(*_):
-            sync(device)
-            starts[name] = time.perf_counter()
-        return hook
-
-    def post(name):
-        def hook(*_):
-            sync(device)
-            per[name].append(1e3 * (time.perf_counter() - starts[name]))
-        return hook
-
-    with torch.no_grad():
-        eps(model, x, t, cond)  # warm-up
-        handles = [h for n, m in mods.items() for h in (m.register_forward_pre_hook(pre(n)), m.register_forward_hook(post(n)))]
-        for _ in range(repeats):
-            eps(model, x, t, cond)
-        for h in handles:
-            h.remove()
-        for _ in range(repeats):  # whole model without hooks (their syncs cost time)
-            sync(device)
-            t0 = time.perf_counter()
-            eps(model, x, t, cond)
-            sync(device)
-            total.append(1e3 * (time.perf_counter() - t0))
-    return {n: statistics.median(v) for n, v in per.items() if v}, statistics.median(total)
 
 
 class StepTimer:

@@ -117,9 +117,19 @@ class ShareJob(submitit.helpers.Checkpointable):
         return ran
 
 
-def unit_size(ctx, step) -> int:
-    """Parameters of the step's unit: the cost used to balance the shares."""
-    return sum(p.numel() for p in ctx.q_model.get_submodule(step.unit.name).parameters())
+#: An optimisation step's milliseconds ~ a + b * (the unit's FP forward milliseconds at the same batch), fitted on SD
+#: v1.4 units on an H200 (experiments/bench_sd_block.py, docs/measurements/sd14_block_h200.json: a 2.06, b 3.31).
+STEP_MS = (2.06, 3.31)
+
+
+def step_costs(ctx, steps: list) -> dict[str, float]:
+    """Predicted milliseconds per optimisation step of each step's unit (from one timed FP forward of a
+    reconstruction batch): what the shares are balanced on."""
+    from qdiff.recon.units import unit_forward_ms
+
+    x, t, cond = ctx.calib.get(ctx.sample_idx[:ctx.cfg.batch_size], ctx.device)
+    fwd, _ = unit_forward_ms(ctx.fp_model, sorted({s.unit.name for s in steps}), x, t, cond, ctx.device, repeats=1)
+    return {s.name: STEP_MS[0] + STEP_MS[1] * fwd.get(s.unit.name, 0.0) for s in steps}
 
 
 def split(steps: list, k: int, cost) -> list[list]:
@@ -154,6 +164,7 @@ def run_parallel(steps: list, ctx, work_dir: Path, progress: bool = True) -> dic
 
     cfg, parts = ctx.cfg, Parts(work_dir)
     threads = _threads(cfg)
+    costs = step_costs(ctx, steps)
     jobs_info: list[dict] = []
     bar = tqdm(total=len(steps), desc=f"reconstruction on {cfg.workers} {cfg.launcher} workers", unit="step",
                disable=not progress)
@@ -161,7 +172,7 @@ def run_parallel(steps: list, ctx, work_dir: Path, progress: bool = True) -> dic
         pending = [s for s in steps if not parts.done(s.name)]
         if not pending:
             break
-        shares = split(pending, cfg.workers, lambda s: unit_size(ctx, s))
+        shares = split(pending, cfg.workers, lambda s: costs[s.name])
         executor = make_executor(Path(work_dir) / "jobs" / "%j", cfg.launcher,
                                  {"name": f"qdiff-recon-{Path(work_dir).name}", "cpus_per_task": threads,
                                   **cfg.worker_params})

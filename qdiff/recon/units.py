@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import logging
 import re
+import statistics
+import time
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from qdiff.quant.layers import QuantLayer
@@ -108,3 +111,47 @@ def _log_layer_fallback(units: list[Unit], n_layers: int) -> None:
             "(%d layer units: %s; %d block units); to reconstruct your blocks jointly, register their class with "
             "qdiff.recon.register_block(cls) or name them with ReconConfig(block_patterns=[regex])",
             len(alone), n_layers, len(alone), shown, len(units) - len(alone))
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA), so wall-clock times measure it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def unit_forward_ms(model, unit_names: list[str], x, t, cond, device, repeats: int = 3) -> tuple[dict, float]:
+    """Median forward milliseconds of each unit (hooks around it) and of the whole model, at this batch (``repeats``
+    timed passes after one warm-up)."""
+    from qdiff.models.base import eps
+
+    mods = {n: model.get_submodule(n) for n in unit_names}
+    per: dict[str, list[float]] = {n: [] for n in unit_names}
+    total: list[float] = []
+    starts: dict[str, float] = {}
+
+    def pre(name):
+        def hook(*_):
+            sync(device)
+            starts[name] = time.perf_counter()
+        return hook
+
+    def post(name):
+        def hook(*_):
+            sync(device)
+            per[name].append(1e3 * (time.perf_counter() - starts[name]))
+        return hook
+
+    with torch.no_grad():
+        eps(model, x, t, cond)  # warm-up
+        handles = [h for n, m in mods.items() for h in (m.register_forward_pre_hook(pre(n)), m.register_forward_hook(post(n)))]
+        for _ in range(repeats):
+            eps(model, x, t, cond)
+        for h in handles:
+            h.remove()
+        for _ in range(repeats):  # whole model without hooks (their syncs cost time)
+            sync(device)
+            t0 = time.perf_counter()
+            eps(model, x, t, cond)
+            sync(device)
+            total.append(1e3 * (time.perf_counter() - t0))
+    return {n: statistics.median(v) for n, v in per.items() if v}, statistics.median(total)
