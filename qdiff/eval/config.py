@@ -14,7 +14,7 @@ PAPER_PROMPTS = ("A puppy wearing a hat.", "Cluttered house in the woods in anim
 
 @dataclass
 class EvalConfig:
-    #: Images generated per model for FID/IS. 1024 keeps digits FID within ~0.3 across seeds (README).
+    #: Images generated per model for FID/IS. 1024 keeps digits FID within ~0.3 across seeds (docs/results-digits.md).
     n_samples: int = 1024
     #: Compute FID against the model's real images.
     fid: bool = True

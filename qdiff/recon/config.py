@@ -28,7 +28,7 @@ INPUT_SOURCES = {"quantized": ("quantized", "quantized"), "fp": ("fp", "fp"),
                  "fp_then_quantized": ("fp", "quantized")}
 #: What ``recon.workers > 1`` does with ``input_source=quantized`` (the paper's sequential mode cannot run in
 #: parallel): AdaRound on FP inputs spread over the workers, then the LSQ pass on quantized inputs in order, a
-#: sequential refinement (measured: README "Calibrate across machines").
+#: sequential refinement (measured: docs/parallel.md).
 PARALLEL_INPUT_SOURCE = "fp_then_quantized"
 
 
