@@ -83,7 +83,7 @@ def main() -> None:
     real = model.real_images()
     rows, raw = [], {}
     for bits in args.bits:
-        runs = {s: run_one([f"quant={bits}", "deploy=int8", f"seed={s}"], args.out / f"{bits}_seed{s}") for s in args.seeds}
+        runs = {s: run_one([f"quant={bits}", "deploy=int8", "deploy.timing=true", f"seed={s}"], args.out / f"{bits}_seed{s}") for s in args.seeds}
         first = runs[args.seeds[0]]
         d = first["deploy"]
         calib = CalibrationSet(ROOT / "outputs" / "cache" / "calib" / first["calibration"]["key"])

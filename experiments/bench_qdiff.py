@@ -24,7 +24,7 @@ from common import ROOT, compose, print_table, run_one, write_json
 def fp_samples(overrides: list[str], out_dir: Path, models: dict):
     """The run's FP reference samples (the cached set every quantized run of that seed is compared with) and its
     spec; ``models`` caches the loaded FP model by its config, so it is loaded once."""
-    from qdiff.eval.run import fp_reference
+    from qdiff.stages.sample import fp_reference
     from qdiff.models import load_model
     from qdiff.spec import build_spec, run_prompts
 

@@ -16,15 +16,15 @@ def run(cfg, tracker: NullTracker | None = None) -> tuple[dict, dict]:
     """Run the whole pipeline for a composed config; returns (metrics, objects)."""
     import qdiff
     from qdiff.calib import collect_calibration
-    from qdiff.eval.run import evaluate
     from qdiff.models import load_model
     from qdiff.models.base import fingerprint
     from qdiff.deploy import export
-    from qdiff.deploy.stage import deploy, sample_interleaved
+    from qdiff.deploy.stage import deploy
     from qdiff.report.run import run_metrics, write_run
     from qdiff.runstatus import refuse_finished
     from qdiff.runtime import Stages, seed_everything, tune_allocator
-    from qdiff.sampling import generate
+    from qdiff.stages.evaluate import evaluate
+    from qdiff.stages.sample import sample
 
     tune_allocator()
     spec = build_spec(cfg)
@@ -58,28 +58,22 @@ def run(cfg, tracker: NullTracker | None = None) -> tuple[dict, dict]:
         extra["artifact"] = export(unet, spec.output_dir / "quantized_unet", extra=artifact_facts(model), overwrite=True)
         extra.update(quant_summary(unet))
 
-    deployed = deployed_samples = None
-    if spec.deploy.enabled:  # the exported artifact, loaded back with a backend and measured against FP
+    deployed = variants = None
+    if spec.deploy.enabled:  # the exported artifact, loaded back with a backend (and timed with deploy.timing)
         with st("deploy"):
             deployed, variants, extra["deploy"] = deploy(model, unet, spec.output_dir / "quantized_unet", spec)
 
-    with st("sample"):
-        if deployed is None:
-            samples = generate(model, unet, spec.sampler, spec.eval.n_samples, spec.seed, spec.device, prompts,
-                               desc=f"sampling {spec.quant.method} {spec.quant.label}")
-        else:  # the same noise, batch by batch in turn with FP eager/compiled for the sampling-time comparison
-            both, extra["deploy"]["sampling"] = sample_interleaved(model, variants, ("simulated", "deployed"), spec, prompts,
-                                                                   spec.deploy.timing_batches)
-            samples, deployed_samples = both["simulated"], both["deployed"]
+    with st("sample"):  # every sample set the run needs: its own, the FP reference, the artifact's, the figure's
+        sets = sample(model, unet, spec, prompts, calib, deployed, variants)
 
-    with st("evaluate"):
-        scores, evaluated = evaluate(model, unet, samples, spec, prompts, real, pre, tracker, calib, deployed_samples)
-        if deployed_samples is not None:
+    with st("evaluate"):  # scores and figures from those sets; no model runs here
+        scores, evaluated = evaluate(model, sets, spec, prompts, real, pre, tracker)
+        if "deploy" in evaluated:
             extra["deploy"].update(evaluated.pop("deploy"))  # its FID/IS and error next to the stage's sizes/timings
 
     metrics = run_metrics(spec, model, scores, {**extra, **evaluated}, st.summary())
-    write_run(spec.output_dir, samples, spec, metrics, tracker)
-    return metrics, {"spec": spec, "model": model, "calib": calib, "qunet": unet, "samples": samples}
+    write_run(spec.output_dir, sets.samples, spec, metrics, tracker)
+    return metrics, {"spec": spec, "model": model, "calib": calib, "qunet": unet, "samples": sets.samples}
 
 
 def recon_dir(spec: RunSpec, calib, model):

@@ -191,19 +191,24 @@ def test_int8_backend_on_a_plain_module_with_a_transposed_conv(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_with_deploy_int8_samples_the_artifact_and_records_it(compose_cfg):
+@pytest.mark.parametrize("timing", [False, True])
+def test_run_with_deploy_int8_samples_the_artifact_and_records_it(compose_cfg, timing):
     from qdiff.pipeline import run
 
     cfg = compose_cfg("deploy=int8", "logger=none", "model.random_init=true",
                       "model.arch={block_out_channels:[8,16,16],norm_num_groups:4,attention_head_dim:8}",
                       "eval.n_samples=16", "sampler.steps=3", "sampler.batch_size=8", "calib.n=4", "calib.c=1",
                       "recon.weight_iters=2", "recon.act_iters=1", "recon.batch_size=4", "recon.probe_samples=4",
-                      "eval.analysis=false", "eval.grid_linear=false", "deploy.latency_repeats=2", "deploy.timing_batches=1")
+                      "eval.analysis=false", "eval.grid_linear=false", "deploy.latency_repeats=2", "deploy.timing_batches=1",
+                      f"deploy.timing={str(timing).lower()}")
     m, objects = run(cfg)
     d = m["deploy"]
     assert d["backend"] == "int8" and 0 < d["ratio_to_fp32"] < 0.3 and d["artifact_bytes"] == m["artifact"]["artifact_bytes"]
-    assert set(d["latency_ms"]) == {"1", "8"} and set(d["latency_ms"]["8"]) == {"fp_eager", "fp_compiled", "simulated", "deployed"}
-    assert set(d["sampling"]["seconds_per_batch"]) == {"fp_eager", "fp_compiled", "simulated", "deployed"}
+    if timing:  # opt-in: latency and sampling time of every variant, interleaved
+        assert set(d["latency_ms"]) == {"1", "8"} and set(d["latency_ms"]["8"]) == {"fp_eager", "fp_compiled", "simulated", "deployed"}
+        assert set(d["sampling"]["seconds_per_batch"]) == {"fp_eager", "fp_compiled", "simulated", "deployed"}
+    else:  # a plain deploy run samples and scores the artifact, and times nothing
+        assert "latency_ms" not in d and "sampling" not in d and d["kernels"]
     assert {"fid", "is", "mse_vs_simulated"} <= set(d) and d["mse_vs_simulated"] < 0.05
     assert all(k["int8"] == k["expected"] for k in d["kernels"].values())
     assert m["cost"]["seconds"]["deploy"] > 0 and objects["samples"].shape[0] == 16

@@ -1,6 +1,7 @@
-"""The deploy stage of a run and its measurements: latency and sampling time of FP eager, FP compiled, the
-simulated model and the deployed artifact, always interleaved (every round calls each variant once, in a
-rotating order) so that background load affects all alike; medians are reported."""
+"""The deploy stage of a run: the exported artifact loaded back with the configured backend; with ``deploy.timing``
+also the latency and sampling-time measurements of FP eager, FP compiled, the simulated model and the deployed
+artifact, always interleaved (every round calls each variant once, in a rotating order) so that background load
+affects all alike; medians are reported."""
 from __future__ import annotations
 
 import statistics
@@ -14,7 +15,8 @@ from qdiff.models.base import eps
 
 
 def deploy(model, qunet: nn.Module, artifact: Path, spec) -> tuple[nn.Module, dict[str, nn.Module], dict]:
-    """Load the exported artifact with the configured backend; returns (deployed, timing variants, report)."""
+    """Load the exported artifact with the configured backend; returns (deployed, timing variants, report). The
+    variants and the latency table only with ``deploy.timing`` (else the variants are empty)."""
     from qdiff.deploy import artifact_sizes, load_deployed
     from qdiff.deploy.int8 import compile_fp
 
@@ -22,17 +24,20 @@ def deploy(model, qunet: nn.Module, artifact: Path, spec) -> tuple[nn.Module, di
     t0 = time.perf_counter()
     options = {"compile": cfg.compile} if cfg.backend == "int8" else {}
     deployed = load_deployed(artifact, backend=cfg.backend, device=spec.device, **options)
+    report = {"backend": cfg.backend, **artifact_sizes(artifact), "load_seconds": round(time.perf_counter() - t0, 2),
+              "kernels": getattr(deployed, "kernels", {})}
+    if not cfg.timing:
+        return deployed, {}, report
     variants = {"fp_eager": model.unet, "simulated": qunet, "deployed": deployed}
     if spec.device.type == "cpu":
         variants["fp_compiled"] = compile_fp(model.unet)
-    report = {"backend": cfg.backend, **artifact_sizes(artifact), "load_seconds": round(time.perf_counter() - t0, 2)}
     x, t, cond = _example(model, spec)
     batches = cfg.latency_batches or sorted({1, spec.sampler.batch_size})
     report["latency_ms"] = {str(b): latency_ms(variants, x[:b], t[:b], {k: v[:b] for k, v in cond.items()},
                                                cfg.latency_repeats) for b in batches}
     report["latency_speedup_vs_fp_compiled"] = {
         b: round(r["fp_compiled"] / r["deployed"], 3) for b, r in report["latency_ms"].items() if "fp_compiled" in r}
-    report["kernels"] = getattr(deployed, "kernels", {})
+    report["kernels"] = getattr(deployed, "kernels", {})  # after the calls: the int8 kernels of every compiled shape
     return deployed, variants, report
 
 
