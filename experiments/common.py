@@ -22,7 +22,7 @@ def compose(overrides: list[str], out_dir: Path, cache_dir: Path | None = None):
 
 def run_one(overrides: list[str], out_dir: Path, cache_dir: Path | None = None) -> dict:
     """Run the pipeline in-process for one setting; returns its metrics (also in out_dir/metrics.json)."""
-    from qdiff.pipeline import run
+    from qdiff.run import run
 
     if (out_dir / "metrics.json").exists():
         print(f"reusing {out_dir}/metrics.json", flush=True)

@@ -25,7 +25,7 @@ def main(cfg: DictConfig, raise_errors: bool = False) -> float | None:
     from hydra.types import RunMode
     from hydra.utils import instantiate
 
-    from qdiff.pipeline import run
+    from qdiff.run import run
 
     multirun = raise_errors or (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN)
     out_dir = Path(cfg.paths.output_dir)

@@ -165,3 +165,15 @@ def test_w4a4_default_transforms_belong_to_qdiff_only(compose_cfg):
     assert q.method == "qdiff" and q.transforms and lin.method == "linear" and lin.transforms == []
     assert build_spec(compose_cfg("quant=w4a4", "quant.smooth=null", "quant.lowrank=0",
                                   "quant.act_time_groups=1")).quant.transforms == []
+
+
+def test_the_old_run_module_name_still_works_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    sys.modules.pop("qdiff.pipeline", None)
+    with pytest.warns(DeprecationWarning, match="qdiff.pipeline is renamed qdiff.run"):
+        old = importlib.import_module("qdiff.pipeline")
+    from qdiff.run import run
+
+    assert old.run is run

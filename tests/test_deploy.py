@@ -193,7 +193,7 @@ def test_int8_backend_on_a_plain_module_with_a_transposed_conv(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("timing", [False, True])
 def test_run_with_deploy_int8_samples_the_artifact_and_records_it(compose_cfg, timing):
-    from qdiff.pipeline import run
+    from qdiff.run import run
 
     cfg = compose_cfg("deploy=int8", "logger=none", "model.random_init=true",
                       "model.arch={block_out_channels:[8,16,16],norm_num_groups:4,attention_head_dim:8}",

@@ -281,7 +281,7 @@ def _nan_step(layer: str):
 def test_a_quantized_model_with_non_finite_output_is_not_returned_nor_exported(tmp_path, monkeypatch, compose_cfg):
     import qdiff.api
     from conftest import TINY
-    from qdiff.pipeline import run
+    from qdiff.run import run
 
     monkeypatch.setattr(qdiff.api, "prepare", _nan_step("out.2"))
     x, t = _tensors()

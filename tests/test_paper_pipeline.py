@@ -16,7 +16,7 @@ import torch
 
 from conftest import run_cli
 from qdiff.errors import ConfigError
-from qdiff.pipeline import run
+from qdiff.run import run
 from qdiff.quant import QuantLayer
 from qdiff.spec import build_spec
 

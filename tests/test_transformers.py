@@ -139,7 +139,7 @@ def test_keyword_convention_for_transformers_that_take_timestep_later():
 
 def test_digits_dit_runs_the_whole_pipeline_through_the_cli_config(compose_cfg):
     from conftest import TINY
-    from qdiff.pipeline import run
+    from qdiff.run import run
 
     cfg = compose_cfg(*TINY, "model=digits_dit", "model.random_init=true", "eval.grid_linear=false",
                       "recon.probe_samples=4")
