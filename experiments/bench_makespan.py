@@ -8,10 +8,10 @@ AdaRound + 5k LSQ steps per unit, N = 6400 calibration inputs) the way qdiff run
 
 * ``quantized`` (the paper, one process): per unit, capture N inputs through the quantized and the FP prefix, AdaRound;
   then the same with LSQ.
-* ``fp`` (``recon.input_source=fp``): AdaRound and LSQ of every unit on FP inputs (capture through the FP prefix only),
+* ``fp`` (``recon.input_source=fp``, what ``recon.workers > 1`` does by default): AdaRound and LSQ of every unit on FP inputs (capture through the FP prefix only),
   each phase split over K jobs by :func:`qdiff.recon.parallel.split` on qdiff's own cost model; every job pays the
   model setup once per phase.
-* ``fp_then_quantized`` (what ``recon.workers > 1`` does by default): the AdaRound phase as ``fp``, the LSQ phase in
+* ``fp_then_quantized``: the AdaRound phase as ``fp``, the LSQ phase in
   one process on quantized inputs (the sequential refinement).
 
 Generating the calibration set (256 trajectories x 50 steps x 2 branches) comes first in every mode. Prints a table

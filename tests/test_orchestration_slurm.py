@@ -174,8 +174,9 @@ def test_qdiff_job_cli_submits_and_returns_metrics(tmp_path):
 
 
 def test_reconstruction_on_two_slurm_workers_overlaps_and_equals_one_process(tmp_path):
-    """``recon.workers=2 recon.launcher=slurm`` from ``python run.py``: the AdaRound phase runs as a 2-job SLURM array
-    whose jobs sacct shows running at the same time; the quantized model equals a one-process run of the same mode."""
+    """``recon.workers=2 recon.launcher=slurm`` from ``python run.py``: the AdaRound and the LSQ phase each run as a
+    2-job SLURM array whose jobs sacct shows running at the same time; the quantized model equals a one-process run
+    of the same mode (FP inputs)."""
     import torch
     from safetensors.torch import load_file
 
@@ -184,7 +185,7 @@ def test_reconstruction_on_two_slurm_workers_overlaps_and_equals_one_process(tmp
                             "recon.worker_params={cpus_per_task:1,timeout_min:30}", f"hydra.run.dir={tmp_path / 'par'}",
                             f"paths.cache_dir={tmp_path / 'cache_par'}"], cwd=tmp_path, env=env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ref = subprocess.run([sys.executable, str(ROOT / "run.py"), *slow, "recon.input_source=fp_then_quantized",
+    ref = subprocess.run([sys.executable, str(ROOT / "run.py"), *slow, "recon.input_source=fp",
                           f"hydra.run.dir={tmp_path / 'ref'}", f"paths.cache_dir={tmp_path / 'cache_ref'}"],
                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr[-2000:]
@@ -192,14 +193,14 @@ def test_reconstruction_on_two_slurm_workers_overlaps_and_equals_one_process(tmp
 
     m, m_ref = read_json(tmp_path / "par" / "metrics.json"), read_json(tmp_path / "ref" / "metrics.json")
     parallel = m["reconstruction"]["parallel"]
-    assert parallel["workers"] == 2 and parallel["input_source"] == "fp_then_quantized"
+    assert parallel["workers"] == 2 and parallel["input_source"] == "fp"
     jobs = [j["job"] for j in parallel["phases"][0]["jobs"]]
     assert len(jobs) == 2 and all("_" in j for j in jobs)  # one array, two tasks
     rows = _run("sacct", "-j", ",".join(jobs), "-X", "-n", "-P", "-o", "JobID,State,Start,End").splitlines()
     spans = {r.split("|")[0]: r.split("|")[1:] for r in rows}
     assert set(spans) == set(jobs) and all(s[0] == "COMPLETED" for s in spans.values()), rows
     assert max(s[1] for s in spans.values()) <= min(s[2] for s in spans.values()), f"jobs did not overlap: {rows}"
-    assert parallel["phases"][0]["overlap_seconds"] > 0
+    assert len(parallel["phases"]) == 2 and parallel["phases"][0]["overlap_seconds"] > 0
 
     a = load_file(str(tmp_path / "par" / "quantized_unet" / "model.safetensors"))
     b = load_file(str(tmp_path / "ref" / "quantized_unet" / "model.safetensors"))

@@ -34,10 +34,11 @@ def test_parallel_settings_are_checked_and_leave_the_result_identity_alone(tmp_p
         ReconConfig(workers=2, launcher="pbs")
     with pytest.raises(ConfigError, match="recon.input_source must be one of"):
         ReconConfig(input_source="fp16")
-    # the paper's sequential mode cannot run in parallel: workers > 1 takes AdaRound on FP inputs, LSQ in order
+    # the paper's sequential mode cannot run in parallel: workers > 1 takes FP inputs (the measured choice)
     cfg = ReconConfig(workers=2)
-    assert cfg.input_source == "fp_then_quantized" and (cfg.source("weights"), cfg.source("acts")) == ("fp", "quantized")
-    assert ReconConfig(workers=2, input_source="fp").input_source == "fp"
+    assert cfg.input_source == "fp" and (cfg.source("weights"), cfg.source("acts")) == ("fp", "fp")
+    refine = ReconConfig(workers=2, input_source="fp_then_quantized")
+    assert (refine.source("weights"), refine.source("acts")) == ("fp", "quantized")
     # how many workers and where is not part of what a reconstruction is: a folder resumes under either
     one, two = ReconConfig(input_source="fp"), ReconConfig(input_source="fp", workers=2, launcher="slurm")
     assert one.result_settings() == two.result_settings()
