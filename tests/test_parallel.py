@@ -54,7 +54,7 @@ def test_shares_balance_cost_and_keep_plan_order():
 
 
 def test_killed_worker_is_resubmitted_nothing_runs_twice_and_the_merge_equals_one_process(tmp_path):
-    iters = 240
+    iters = 150
     # reference: the same steps in this process (one thread, as each worker)
     net, q_ref, calib, qcfg, rcfg = setup(iters)
     rcfg = dataclasses.replace(rcfg, input_source="fp_then_quantized")
