@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from common import ROOT, print_table, write_json
-from qdiff.recon.units import sync, unit_forward_ms
+from qdiff.recon.units import unit_forward_ms
+from qdiff.runtime import sync
 
 #: The paper's budget (Appendix A) and Stable Diffusion's calibration settings (Table 5).
 PAPER = {"weight_iters": 20000, "act_iters": 5000, "batch_size": 32, "T": 50, "c": 2, "n": 256, "N": 6400}

@@ -98,3 +98,9 @@ class Stages:
             out["peak_gpu_mb"] = max(self.peak_gpu_mb.values())
             out["peak_gpu_mb_by_stage"] = dict(self.peak_gpu_mb)
         return out
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA), so wall-clock times measure it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)

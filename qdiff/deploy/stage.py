@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from qdiff.models.base import eps
+from qdiff.runtime import sync
 
 
 def deploy(model, qunet: nn.Module, artifact: Path, spec) -> tuple[nn.Module, dict[str, nn.Module], dict]:
@@ -25,7 +26,7 @@ def deploy(model, qunet: nn.Module, artifact: Path, spec) -> tuple[nn.Module, di
     options = {"compile": cfg.compile} if cfg.backend == "int8" else {}
     deployed = load_deployed(artifact, backend=cfg.backend, device=spec.device, **options)
     report = {"backend": cfg.backend, **artifact_sizes(artifact), "load_seconds": round(time.perf_counter() - t0, 2),
-              "kernels": getattr(deployed, "kernels", {})}
+              "kernels": getattr(deployed, "kernels", {})}  # the backend's own dict: filled as shapes compile
     if not cfg.timing:
         return deployed, {}, report
     variants = {"fp_eager": model.unet, "simulated": qunet, "deployed": deployed}
@@ -37,7 +38,6 @@ def deploy(model, qunet: nn.Module, artifact: Path, spec) -> tuple[nn.Module, di
                                                cfg.latency_repeats) for b in batches}
     report["latency_speedup_vs_fp_compiled"] = {
         b: round(r["fp_compiled"] / r["deployed"], 3) for b, r in report["latency_ms"].items() if "fp_compiled" in r}
-    report["kernels"] = getattr(deployed, "kernels", {})  # after the calls: the int8 kernels of every compiled shape
     return deployed, variants, report
 
 
@@ -64,10 +64,10 @@ def latency_ms(variants: dict[str, nn.Module], x: torch.Tensor, t: torch.Tensor,
     names = list(variants)
     for r in range(repeats):
         for k in names[r % len(names):] + names[:r % len(names)]:
-            _sync(x.device)
+            sync(x.device)
             t0 = time.perf_counter()
             eps(variants[k], x, t, cond)
-            _sync(x.device)  # a GPU call returns before its kernels finish
+            sync(x.device)  # a GPU call returns before its kernels finish
             times[k].append(1e3 * (time.perf_counter() - t0))
     return {k: round(statistics.median(v), 3) for k, v in times.items()}
 
@@ -107,11 +107,6 @@ def sample_interleaved(model, variants: dict[str, nn.Module], full: tuple[str, .
               "speedup_vs_fp_compiled": round(per_batch["fp_compiled"] / per_batch["deployed"], 3) if "fp_compiled" in per_batch else None,
               "speedup_vs_fp_eager": round(per_batch["fp_eager"] / per_batch["deployed"], 3)}
     return {k: torch.cat(v) for k, v in out.items()}, report
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _one_step(sampler):

@@ -56,26 +56,28 @@ class Parts:
     def __init__(self, work_dir: str | os.PathLike) -> None:
         self.root = Path(work_dir) / "parts"
 
-    def _stem(self, name: str) -> str:
-        return re.sub(r"[^\w.-]", "_", name) + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    def _path(self, name: str, suffix: str) -> Path:
+        """The step's file: its name made safe for a file system, plus a hash that keeps distinct names distinct."""
+        safe = re.sub(r"[^\w.-]", "_", name)
+        return self.root / f"{safe}-{hashlib.sha1(name.encode()).hexdigest()[:8]}{suffix}"
 
     def done(self, name: str) -> bool:
-        return (self.root / f"{self._stem(name)}.json").is_file()
+        return self._path(name, ".json").is_file()
 
     def save(self, name: str, state: dict[str, torch.Tensor], report) -> None:
-        save_tensors(self.root / f"{self._stem(name)}.safetensors", state)
-        write_json(self.root / f"{self._stem(name)}.json", {"step": name, "report": asdict(report)})
+        save_tensors(self._path(name, ".safetensors"), state)
+        write_json(self._path(name, ".json"), {"step": name, "report": asdict(report)})
 
     def load(self, name: str) -> tuple[dict[str, torch.Tensor], dict]:
-        rec = json.loads((self.root / f"{self._stem(name)}.json").read_text())
-        return load_state_dict_file(self.root / f"{self._stem(name)}.safetensors"), rec["report"]
+        rec = json.loads(self._path(name, ".json").read_text())
+        return load_state_dict_file(self._path(name, ".safetensors")), rec["report"]
 
     def remove(self, name: str) -> None:
         for suffix in (".json", ".safetensors", ".lock"):
-            (self.root / f"{self._stem(name)}{suffix}").unlink(missing_ok=True)
+            self._path(name, suffix).unlink(missing_ok=True)
 
     def lock(self, name: str):
-        return cache_lock(self.root / f"{self._stem(name)}.lock", f"reconstruction step {name}")
+        return cache_lock(self._path(name, ".lock"), f"reconstruction step {name}")
 
     def log(self, event: str, name: str) -> None:
         """One line per event, appended (a single small write with O_APPEND: lines of concurrent jobs never mix)."""

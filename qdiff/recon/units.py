@@ -113,16 +113,11 @@ def _log_layer_fallback(units: list[Unit], n_layers: int) -> None:
             len(alone), n_layers, len(alone), shown, len(units) - len(alone))
 
 
-def sync(device: torch.device | str) -> None:
-    """Wait for the device's queued work (CUDA), so wall-clock times measure it."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def unit_forward_ms(model, unit_names: list[str], x, t, cond, device, repeats: int = 3) -> tuple[dict, float]:
     """Median forward milliseconds of each unit (hooks around it) and of the whole model, at this batch (``repeats``
     timed passes after one warm-up)."""
     from qdiff.models.base import eps
+    from qdiff.runtime import sync
 
     mods = {n: model.get_submodule(n) for n in unit_names}
     per: dict[str, list[float]] = {n: [] for n in unit_names}
