@@ -217,3 +217,12 @@ def test_run_with_deploy_int8_samples_the_artifact_and_records_it(compose_cfg, t
 def test_int8_backend_on_a_gpu_is_refused_in_one_line_before_loading(tmp_path):
     with pytest.raises(ConfigError, match="x86 \\(oneDNN\\) int8 kernels on the CPU, not on cuda"):
         load_deployed(tmp_path / "not-read", backend="int8", device="cuda")
+
+
+def test_deploy_switches_take_only_true_or_false():
+    from qdiff.deploy.config import DeployConfig
+
+    assert DeployConfig(backend="int8").timing is False  # timing is opt-in
+    for name in ("timing", "compile"):
+        with pytest.raises(ConfigError, match=f"deploy.{name} must be true or false"):
+            DeployConfig(backend="int8", **{name: "yes"})

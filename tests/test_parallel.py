@@ -32,6 +32,8 @@ def test_parallel_settings_are_checked_and_leave_the_result_identity_alone(tmp_p
         ReconConfig(workers=0)
     with pytest.raises(ConfigError, match="recon.launcher must be local or slurm"):
         ReconConfig(workers=2, launcher="pbs")
+    with pytest.raises(ConfigError, match="recon.worker_params must be a mapping"):
+        ReconConfig(workers=2, worker_params="cpus_per_task=1")
     with pytest.raises(ConfigError, match="recon.input_source must be one of"):
         ReconConfig(input_source="fp16")
     # the paper's sequential mode cannot run in parallel: workers > 1 takes FP inputs (the measured choice)

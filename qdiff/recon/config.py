@@ -133,6 +133,8 @@ class ReconConfig:
             raise ConfigError(f"recon.launcher must be local or slurm, got '{self.launcher}'")
         if not isinstance(self.worker_retries, int) or self.worker_retries < 0:
             raise ConfigError(f"recon.worker_retries must be an integer >= 0, got {self.worker_retries!r}")
+        if self.worker_params is not None and not hasattr(self.worker_params, "keys"):
+            raise ConfigError(f"recon.worker_params must be a mapping of submitit parameters, got {self.worker_params!r}")
         self.worker_params = dict(self.worker_params or {})
         if self.workers > 1 and self.input_source == "quantized":
             self.input_source = PARALLEL_INPUT_SOURCE
