@@ -67,12 +67,12 @@ def run(cfg, tracker: NullTracker | None = None) -> tuple[dict, dict]:
         sets = sample(model, unet, spec, prompts, calib, deployed, variants)
 
     with st("evaluate"):  # scores and figures from those sets; no model runs here
-        scores, evaluated = evaluate(model, sets, spec, prompts, real, pre, tracker)
+        scores, evaluated, features = evaluate(model, sets, spec, prompts, real, pre, tracker)
         if "deploy" in evaluated:
             extra["deploy"].update(evaluated.pop("deploy"))  # its FID/IS and error next to the stage's sizes/timings
 
     metrics = run_metrics(spec, model, scores, {**extra, **evaluated}, st.summary())
-    write_run(spec.output_dir, sets.samples, spec, metrics, tracker)
+    write_run(spec.output_dir, sets.samples, features, spec, metrics, tracker)
     return metrics, {"spec": spec, "model": model, "calib": calib, "qunet": unet, "samples": sets.samples}
 
 

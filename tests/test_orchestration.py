@@ -5,12 +5,14 @@ SLURM runs (array sweep, preemption + resume, scancel) are in test_orchestration
 from __future__ import annotations
 
 import itertools
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from conftest import CONF, ROOT, run_cli
@@ -122,7 +124,7 @@ def test_paper_table_rows_fp_reference_delta_and_recovered_share():
     assert q["fid_delta"] == pytest.approx(5.0) and q["recovered"] == pytest.approx(35 / 40)
     assert pd.isna(t[(t["method"] == "qdiff") & (t["bits"] == "8/32")].iloc[0]["recovered"])  # its linear row failed
     md = to_markdown(display_table(t))
-    assert "| digits | Q-Diffusion | 4/8 | 15.00 | — | +5.00 | — | — | — | 88% | 100 | 150 | 900 | completed |" in md
+    assert "| digits | Q-Diffusion | 4/8 | 15.00 | — | +5.00 | — | — | — | 0.875 | 100 | 150 | 900 | completed |" in md
     assert "| digits | Q-Diffusion | 8/32 | 11.00 [10.50, 11.50] | — | +1.00 | 0.0123 | 0.70 / 0.80 | 0.0042 | — |" in md
     assert "| digits | Full precision | 32/32 | 10.00 |" in md and "| missing |" in md
 
@@ -214,6 +216,63 @@ def test_report_on_a_single_run_dir_and_on_a_directory_of_runs(local_sweep, tmp_
     both = build_report(runs, figures=False)
     assert both.counts == {"completed": 2, "failed": 1} and (runs / "report.html").is_file()
     assert dict(zip(both.jobs["dir"], both.jobs["state"])) == {"a": "completed", "b": "completed", "c": "failed"}
+
+
+def _fake_run(d: Path, method: str, seed: int, samples, fp, real, recon_seed=None) -> None:
+    """A finished run folder as the report reads it: metrics.json and the saved features."""
+    from qdiff.cache import save_tensors
+    from qdiff.eval.fidelity import fid
+    from qdiff.report.run import FEATURES_FILE
+
+    d.mkdir(parents=True)
+    save_tensors(d / FEATURES_FILE, {"features.samples": samples, "features.fp": fp,
+                                     **{f"real.{k}": torch.from_numpy(v) for k, v in real.items()}})
+    m = {"model": "digits", "method": method, "weight_bits": 4, "act_bits": 8, "quant": "W4A8", "sampler": "ddim",
+         "steps": 10, "n_samples": len(samples), "seed": seed, "transforms": "", "fid": fid(samples, real),
+         "fp": {"fid": fid(fp, real)}, **({"recon_seed": recon_seed, "input_source": "quantized"} if recon_seed is not None else {})}
+    (d / "metrics.json").write_text(json.dumps(m))
+
+
+def test_report_computes_paired_recovered_shares_per_reconstruction_from_saved_features(tmp_path):
+    """Each qdiff run against the linear run of its sampling seed, from the features the runs saved: the same
+    numbers as Scorer.recovered_share on those sets; one summary row per reconstruction seed over sampling seeds."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    from qdiff.eval.fidelity import recovered_share
+    from qdiff.report import build_report
+
+    g = torch.Generator().manual_seed(0)
+    real = fid_features_to_statistics(torch.randn(400, 8, generator=g, dtype=torch.float64).float())
+    expected = {}
+    for seed in (0, 1):
+        noise = torch.randn(200, 8, generator=g)  # the shared noises of one sampling seed
+        fp, lin = noise + 0.05 * torch.randn(200, 8, generator=g), noise * 1.6 + 0.5
+        _fake_run(tmp_path / f"linear_s{seed}", "linear", seed, lin, fp, real)
+        _fake_run(tmp_path / f"linear_copy_s{seed}", "linear", seed, lin, fp, real)  # a grid's identical copy
+        for rs in (0, 1, 2):
+            q = noise * (1 + 0.1 * rs) + 0.05 * rs
+            _fake_run(tmp_path / f"qdiff_rs{rs}_s{seed}", "qdiff", seed, q, fp, real, recon_seed=rs)
+            expected[rs, seed] = recovered_share(q, lin, fp, real, 200, 0)
+    rep = build_report(tmp_path, use_sacct=False, figures=False)
+    rows = rep.table[rep.table["method"] == "qdiff"]
+    assert len(rows) == 6 and rows["rec_lo"].notna().all()
+    for _, r in rows.iterrows():
+        e = expected[int(r["recon_seed"]), int(r["seed"])]
+        assert (r["recovered"], [r["rec_lo"], r["rec_hi"]]) == (e["recovered"], e["recovered_ci95"])
+    s = rep.per_recon.set_index("recon_seed")
+    assert sorted(s.index) == [0, 1, 2] and (s["seeds"] == "0 1").all()
+    for rs in (0, 1, 2):
+        e0, e1 = expected[rs, 0], expected[rs, 1]
+        assert s.loc[rs, "recovered"] == pytest.approx((e0["recovered"] + e1["recovered"]) / 2)
+        assert s.loc[rs, "lowest_ci95"] == min(e0["recovered_ci95"][0], e1["recovered_ci95"][0])
+    md = (tmp_path / "report.md").read_text()
+    assert "## Recovered share per reconstruction" in md and f"{expected[2, 1]['recovered']:.3f} [" in md
+    assert (tmp_path / "recovered.csv").is_file()
+    # a run without saved features (made before them) keeps its point value, without an interval
+    (tmp_path / "qdiff_rs0_s0" / "eval_features.safetensors").unlink()
+    t = build_report(tmp_path, use_sacct=False, figures=False).table
+    r = t[(t["method"] == "qdiff") & (t["recon_seed"] == 0) & (t["seed"] == 0)].iloc[0]
+    assert r["recovered"] == pytest.approx(expected[0, 0]["recovered"], abs=1e-4) and pd.isna(r["rec_lo"])
 
 
 def test_report_rows_carry_the_interval_kid_precision_recall_and_paired_error():

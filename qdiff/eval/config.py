@@ -45,6 +45,10 @@ class EvalConfig:
     grid_linear: bool = True
     #: Save all generated samples as ``samples.safetensors`` in the run directory.
     save_samples: bool = True
+    #: Save the FID features of the samples and of the FP reference, with the real set's statistics, as
+    #: ``eval_features.safetensors``: ``qdiff.report`` computes paired recovered shares and intervals from them
+    #: (digits: ~3 MB per run; InceptionV3: 2048-d features and a 2048² covariance, ~35 MB).
+    save_features: bool = True
     #: Per-step FP-vs-quantized output MSE (paper Fig. 2) and activation ranges (Figs. 3, 6) for quantized runs.
     analysis: bool = True
     #: Images followed by the per-step MSE analysis.

@@ -1,7 +1,7 @@
 """FID, IS, KID and precision/recall through torch-fidelity.
 
 RGB models use torch-fidelity's InceptionV3. The embedded digits model uses a small digits classifier
-(trained by ``experiments/train_digits_classifier.py``) registered in torch-fidelity's own
+(trained by ``experiments/training/train_digits_classifier.py``) registered in torch-fidelity's own
 feature-extractor registry as ``qdiff-digits``: the layer ``eval.digits_feature`` drives FID, KID and
 precision/recall, its logits IS.
 """
@@ -148,6 +148,7 @@ class Scorer:
                                                   feature_extractor_weights_path=weights)
         self.real = self.features(real)[self.layer]
         self.real_stats = fid_features_to_statistics(self.real)
+        self.kept: dict[str, torch.Tensor] = {}
 
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         from torch_fidelity.utils import get_featuresdict_from_dataset
@@ -155,13 +156,17 @@ class Scorer:
         return get_featuresdict_from_dataset(ImageTensorDataset(to_uint8(images), self.rgb), self.extractor,
                                              self.cfg.batch_size, self.cuda, True, False)
 
-    def __call__(self, images: torch.Tensor) -> dict:
+    def __call__(self, images: torch.Tensor, keep: str | None = None) -> dict:
+        """Every configured metric of ``images``; ``keep`` names the set so that :meth:`feature_record` holds its
+        features."""
         from torch_fidelity.metric_isc import isc_features_to_metric
         from torch_fidelity.metric_kid import kid_features_to_metric
         from torch_fidelity.metric_prc import prc_features_to_metric
 
         cfg, feats = self.cfg, self.features(images)
         gen = feats[self.layer]
+        if keep is not None:
+            self.kept[keep] = gen
         out: dict = {}
         if cfg.fid:
             out["fid"] = self.fid(gen)
@@ -182,41 +187,61 @@ class Scorer:
         return out
 
     def fid(self, gen: torch.Tensor) -> float:
-        return float(fid_statistics_to_metric(fid_features_to_statistics(gen), self.real_stats, False)["frechet_inception_distance"])
+        return fid(gen, self.real_stats)
 
     def fid_interval(self, gen: torch.Tensor) -> list[float]:
         """95 % interval FID +- 1.96 standard errors, the error being the spread of FID over ``eval.bootstrap``
         resamples (with replacement) of the generated set: how much this number moves with the draw of samples.
         (Resampled sets hold duplicates, which inflates each resampled FID; their spread is still the error.)"""
-        return self._bootstrap(lambda idx: self.fid(gen if idx is None else gen[idx]), len(gen), self.cfg.bootstrap)[1]
+        return bootstrap(lambda idx: self.fid(gen if idx is None else gen[idx]), len(gen), self.cfg.bootstrap, self.seed)[1]
 
     def recovered_share(self, method: torch.Tensor, linear: torch.Tensor, fp: torch.Tensor,
                         n_boot: int = 200) -> dict:
-        """Share of linear quantization's FID gap that ``method`` closes, 1 - (FID_m - FID_fp) / (FID_lin - FID_fp),
-        with a paired bootstrap: the three sample sets come from the same noises, so each resample draws one set of
-        noise indices and applies it to all three. Interval: point +- 1.96 bootstrap standard deviations.
-        Arguments are images (or features of this scorer's layer, when 2-D)."""
+        """:func:`recovered_share` of three paired sets, given as images or as features of this scorer's layer
+        (2-D), against this scorer's real set."""
         def feats(x: torch.Tensor) -> torch.Tensor:
             return x if x.dim() == 2 else self.features(x)[self.layer]
 
-        m, lin, f = feats(method), feats(linear), feats(fp)
-        if not len(m) == len(lin) == len(f):
-            raise ValueError(f"recovered_share needs paired sets of equal size, got {len(m)}, {len(lin)}, {len(f)}")
+        return recovered_share(feats(method), feats(linear), feats(fp), self.real_stats, n_boot, self.seed)
 
-        def share(idx: torch.Tensor | None) -> float:
-            fm, fl, ff = (self.fid(x if idx is None else x[idx]) for x in (m, lin, f))
-            return 1 - (fm - ff) / (fl - ff)
+    def feature_record(self) -> dict[str, torch.Tensor]:
+        """What a run keeps so that a report can compute paired statistics without any model: the features of
+        the sets scored with ``keep=`` and the real set's FID statistics (float64, as FID uses them)."""
+        out = {f"features.{k}": v.contiguous() for k, v in self.kept.items()}
+        out.update({f"real.{k}": torch.from_numpy(v) for k, v in self.real_stats.items()})
+        return out
 
-        point, interval = self._bootstrap(share, len(m), n_boot)
-        return {"recovered": round(point, 4), "recovered_ci95": interval, "bootstrap": n_boot}
 
-    def _bootstrap(self, stat, n: int, n_boot: int) -> tuple[float, list[float]]:
-        """``stat(None)`` on the sets as drawn and its interval: +- 1.96 sd of ``stat(idx)`` over ``n_boot``
-        resamples ``idx`` of the ``n`` rows (with replacement, seeded)."""
-        g = torch.Generator().manual_seed(self.seed)
-        values = torch.tensor([stat(torch.randint(0, n, (n,), generator=g)) for _ in range(n_boot)])
-        point, half = stat(None), 1.96 * float(values.std())
-        return point, [round(point - half, 4), round(point + half, 4)]
+def fid(gen: torch.Tensor, real_stats: dict) -> float:
+    """FID of generated features against the real set's statistics (torch-fidelity's arithmetic)."""
+    return float(fid_statistics_to_metric(fid_features_to_statistics(gen), real_stats, False)["frechet_inception_distance"])
+
+
+def recovered_share(method: torch.Tensor, linear: torch.Tensor, fp: torch.Tensor, real_stats: dict,
+                    n_boot: int = 200, seed: int = 0) -> dict:
+    """Share of linear quantization's FID gap that ``method`` closes, 1 - (FID_m - FID_fp) / (FID_lin - FID_fp),
+    from the three sets' features, with a paired bootstrap: the sets come from the same noises, so each resample
+    draws one set of noise indices and applies it to all three. Interval: point +- 1.96 bootstrap standard
+    deviations (``n_boot`` resamples, seeded)."""
+    m, lin, f = method, linear, fp
+    if not len(m) == len(lin) == len(f):
+        raise ValueError(f"recovered_share needs paired sets of equal size, got {len(m)}, {len(lin)}, {len(f)}")
+
+    def share(idx: torch.Tensor | None) -> float:
+        fm, fl, ff = (fid(x if idx is None else x[idx], real_stats) for x in (m, lin, f))
+        return 1 - (fm - ff) / (fl - ff)
+
+    point, interval = bootstrap(share, len(m), n_boot, seed)
+    return {"recovered": round(point, 4), "recovered_ci95": interval, "bootstrap": n_boot}
+
+
+def bootstrap(stat, n: int, n_boot: int, seed: int = 0) -> tuple[float, list[float]]:
+    """``stat(None)`` on the sets as drawn and its interval: +- 1.96 sd of ``stat(idx)`` over ``n_boot``
+    resamples ``idx`` of the ``n`` rows (with replacement, seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.tensor([stat(torch.randint(0, n, (n,), generator=g)) for _ in range(n_boot)])
+    point, half = stat(None), 1.96 * float(values.std())
+    return point, [round(point - half, 4), round(point + half, 4)]
 
 
 def compute_metrics(

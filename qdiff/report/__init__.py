@@ -15,7 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from qdiff.report.collect import collect
-from qdiff.report.tables import (display_table, jobs_table, normalise, paper_table, state_counts, to_markdown,
+from qdiff.report.paired import per_reconstruction
+from qdiff.report.tables import (display_per_reconstruction, display_table, jobs_table, normalise, paper_table, state_counts, to_markdown,
                                  varying_axes)
 
 __all__ = ["Report", "build_report", "collect", "paper_table"]
@@ -30,6 +31,8 @@ class Report:
     counts: dict[str, int]
     notes: list[str]
     files: dict[str, Path] = field(default_factory=dict)
+    #: Paired recovered shares grouped over sampling seeds (:func:`qdiff.report.paired.per_reconstruction`).
+    per_recon: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def complete(self) -> bool:
@@ -56,9 +59,10 @@ def build_report(path: str | Path, out: str | Path | None = None, use_sacct: boo
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, notes = collect(root, use_sacct=use_sacct)
     jobs = normalise(rows)
-    table = paper_table(jobs) if len(jobs) else pd.DataFrame()
+    table = paper_table(jobs, root) if len(jobs) else pd.DataFrame()
     counts = state_counts(jobs)
-    rep = Report(root, out_dir, jobs, table, counts, notes)
+    per_recon = per_reconstruction(table, varying_axes(jobs)) if len(table) else pd.DataFrame()
+    rep = Report(root, out_dir, jobs, table, counts, notes, per_recon=per_recon)
 
     fig_files: dict[str, Path] = {}
     if figures and len(jobs):
@@ -84,15 +88,20 @@ def build_report(path: str | Path, out: str | Path | None = None, use_sacct: boo
     md += [f"> {n}" for n in notes] + ([""] if notes else [])
     if len(shown):
         md += ["## Results", "", to_markdown(shown), ""]
+    per_recon_shown = display_per_reconstruction(per_recon) if len(per_recon) else None
+    if per_recon_shown is not None:
+        md += ["## Recovered share per reconstruction", "", to_markdown(per_recon_shown), ""]
     md += [f"![{k}]({f.relative_to(out_dir)})" for k, f in fig_files.items()]
     if len(jobs_view):
         md += ["", "## All jobs", "", to_markdown(_jobs_display(jobs_view)), ""]
     files = {"markdown": out_dir / "report.md", "csv": out_dir / "report.csv", "jobs_csv": out_dir / "jobs.csv",
-             "html": out_dir / "report.html"}
+             "html": out_dir / "report.html", "per_recon_csv": out_dir / "recovered.csv"}
     files["markdown"].write_text("\n".join(md))
     table.to_csv(files["csv"], index=False)
     jobs.to_csv(files["jobs_csv"], index=False)
+    per_recon.to_csv(files["per_recon_csv"], index=False)
     files["html"].write_text(render(title, root, counts, notes, shown,
-                                    _jobs_display(jobs_view) if len(jobs_view) else jobs_view, fig_files, generated))
+                                    _jobs_display(jobs_view) if len(jobs_view) else jobs_view, fig_files, generated,
+                                    per_recon_shown))
     rep.files = {**files, **fig_files}
     return rep

@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from qdiff.report import build_report
-    from qdiff.report.tables import display_table, to_markdown
+    from qdiff.report.tables import display_per_reconstruction, display_table, to_markdown
 
     try:
         rep = build_report(a.path, a.out, use_sacct=not a.no_sacct, figures=not a.no_figures)
@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {n}")
     if len(rep.table):
         print(to_markdown(display_table(rep.table)))
+    if len(rep.per_recon):
+        print("\nRecovered share per reconstruction (mean over sampling seeds; per seed with its paired 95 % interval):")
+        print(to_markdown(display_per_reconstruction(rep.per_recon)))
     print(f"jobs: {len(rep.jobs)} (" + ", ".join(f"{n} {s}" for s, n in rep.counts.items()) + ")")
     for r in rep.jobs[rep.jobs["state"] != "completed"].to_dict("records"):
         job = f"#{r['job']}" if r["job"] is not None and str(r["job"]) != "<NA>" else ""

@@ -20,8 +20,8 @@ td.state span{color:#fff;border-radius:4px;padding:0 6px}
 img{max-width:100%;border:1px solid #d0d7de;margin:6px 0}.note{background:#fff8c5;padding:6px 10px;border-radius:6px}
 .small{font-size:12px;color:#59636e}
 """
-NUMERIC_HEADERS = {"FID↓ [95 %]", "IS↑", "ΔFID vs FP", "KID↓", "MSE vs FP", "Recovered", "Recon (s)", "Total (s)", "Peak RSS (MB)", "fid",
-                   "restarts", "job"}
+NUMERIC_HEADERS = {"FID↓ [95 %]", "IS↑", "ΔFID vs FP", "KID↓", "MSE vs FP", "Recovered [paired 95 %]", "Recon (s)", "Total (s)", "Peak RSS (MB)", "fid",
+                   "restarts", "job", "FP FID", "Linear FID", "FID", "Recovered (mean)", "Lowest bound"}
 
 
 def _table(df: pd.DataFrame, link_col: str | None = None) -> str:
@@ -48,7 +48,7 @@ def _img(path: Path, alt: str) -> str:
 
 
 def render(title: str, root: Path, counts: dict[str, int], notes: list[str], table: pd.DataFrame,
-           jobs: pd.DataFrame, figures: dict[str, Path], generated: str) -> str:
+           jobs: pd.DataFrame, figures: dict[str, Path], generated: str, per_recon: pd.DataFrame | None = None) -> str:
     badges = "".join(f'<span class="badge {html.escape(s)}">{n} {html.escape(s)}</span>' for s, n in counts.items())
     total = sum(counts.values())
     parts = [
@@ -61,9 +61,14 @@ def render(title: str, root: Path, counts: dict[str, int], notes: list[str], tab
         "<h2>Results</h2>", _table(table),
         "<p class='small'>ΔFID vs FP: the run's FID minus the FID of the full-precision model with the same sampler, "
         "steps, samples and seed. Recovered: share of linear quantization's FID gap to FP that Q-Diffusion closes at "
-        "the same bits. Cost: reconstruction and total pipeline seconds, peak resident memory. Rows that did not "
-        "complete stay in the table with their state.</p>",
+        "the same bits and sampling seed, with a paired bootstrap 95 % interval (the three sample sets share their "
+        "noises) where the runs saved their features. Cost: reconstruction and total pipeline seconds, peak resident "
+        "memory. Rows that did not complete stay in the table with their state.</p>",
     ]
+    if per_recon is not None and len(per_recon):
+        parts += ["<h2>Recovered share per reconstruction</h2>", _table(per_recon),
+                  "<p class='small'>Each reconstruction over its sampling seeds: the mean share, each seed's share "
+                  "with its paired 95 % interval, the lowest bound.</p>"]
     names = {"fid_vs_bits": "FID vs weight bits", "step_mse": "Per-step MSE of the quantized noise prediction (all runs)",
              "act_ranges": "FP activation ranges over timesteps", "samples": "Sample grids of the completed runs (first 16), titled with method, bits and FID"}
     if figures:

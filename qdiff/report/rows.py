@@ -33,6 +33,7 @@ def config_fields(cfg: DictConfig | None) -> dict:
         "split": _sel(cfg, "quant.split"), "calib_mode": _sel(cfg, "calib.mode"), "calib_c": _sel(cfg, "calib.c"),
         "calib_n": _sel(cfg, "calib.n"), "sampler": _sel(cfg, "sampler.name"), "steps": _sel(cfg, "sampler.steps"),
         "n_samples": _sel(cfg, "eval.n_samples"), "seed": _sel(cfg, "seed"),
+        "recon_seed": _sel(cfg, "recon.seed") if method == "qdiff" else None,
         # as metrics.json writes it ('' = the paper's method), for jobs that have none yet
         "transforms": "" if fp else "+".join(transform_tags(_sel(cfg, "quant.smooth"), _sel(cfg, "quant.lowrank"),
                                                             _sel(cfg, "quant.act_time_groups"), _sel(cfg, "quant.act_bits"))),
@@ -45,7 +46,8 @@ def metric_fields(m: dict) -> dict:
         return {}
     fp, cost, rec, an = m.get("fp") or {}, m.get("cost") or {}, m.get("reconstruction") or {}, m.get("analysis") or {}
     out = {k: m.get(k) for k in ("model", "method", "weight_bits", "act_bits", "split", "calib_mode", "sampler", "steps",
-                                 "n_samples", "seed", "task_name", "fid", "is", "is_std", "transforms")}
+                                 "n_samples", "seed", "task_name", "fid", "is", "is_std", "transforms",
+                                 "recon_seed", "input_source")}
     out.update({
         "label": m["quant"] if isinstance(m.get("quant"), str) else None,
         "fp_fid": fp.get("fid"), "fp_is": fp.get("is"), "fp_is_std": fp.get("is_std"),

@@ -25,6 +25,8 @@ def run_metrics(spec, model, scores: dict, extra: dict, cost: dict) -> dict:
         "split": spec.quant.split,
         "calib_mode": spec.calib.mode,
         "seed": spec.seed,
+        # the reconstruction's own seed and input source (qdiff runs), which a report's rows tell apart
+        **({"recon_seed": spec.recon.seed, "input_source": spec.recon.input_source} if spec.quant.method == "qdiff" else {}),
         **extra,
         "cost": cost,
         "model_meta": model.meta,
@@ -35,13 +37,20 @@ def run_metrics(spec, model, scores: dict, extra: dict, cost: dict) -> dict:
     }
 
 
-def write_run(out_dir: Path, samples: torch.Tensor, spec, metrics: dict, tracker) -> None:
-    """``metrics.json`` last (its presence marks a finished run), after the samples; then W&B."""
+#: A run's FID features (its samples', the FP reference's) and the real set's statistics: what
+#: :mod:`qdiff.report.paired` computes paired recovered shares from.
+FEATURES_FILE = "eval_features.safetensors"
+
+
+def write_run(out_dir: Path, samples: torch.Tensor, features: dict, spec, metrics: dict, tracker) -> None:
+    """``metrics.json`` last (its presence marks a finished run), after the samples and features; then W&B."""
     from qdiff.cache import save_tensors
     from qdiff.eval.fidelity import to_uint8
 
     if spec.eval.save_samples:
         save_tensors(out_dir / "samples.safetensors", {"samples": to_uint8(samples)})
+    if features and spec.eval.save_features:
+        save_tensors(out_dir / FEATURES_FILE, features)
     write_json(out_dir / "metrics.json", metrics)
     tracker.log_metrics(metrics)
     grid = out_dir / "samples.png"

@@ -2,19 +2,25 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
 
 from qdiff.quant.config import quant_label
+from qdiff.report.paired import paired_share
 
 METHOD_NAMES = {"fp": "Full precision", "linear": "Linear quant", "qdiff": "Q-Diffusion"}
 METHOD_ORDER = {"fp": 0, "linear": 1, "qdiff": 2}
 # Settings that define which FP reference a quantized run compares against.
 CONTEXT = ["model", "sampler", "steps", "n_samples", "seed"]
 # Settings an ablation may vary; a column appears in the table only when it takes more than one value.
-AXES = ["model", "sampler", "steps", "n_samples", "seed", "calib_mode", "calib_c", "calib_n", "split", "transforms"]
+AXES = ["model", "sampler", "steps", "n_samples", "seed", "calib_mode", "calib_c", "calib_n", "split", "transforms",
+        "recon_seed", "input_source"]
 AXIS_NAMES = {"model": "Model", "sampler": "Sampler", "steps": "Steps", "n_samples": "Samples", "seed": "Seed",
-              "calib_mode": "Calibration", "calib_c": "c", "calib_n": "n", "split": "Split"}
+              "calib_mode": "Calibration", "calib_c": "c", "calib_n": "n", "split": "Split", "recon_seed": "Recon seed",
+              "input_source": "Recon inputs"}
+#: Axes of the reconstruction only: a linear baseline has none, so a method's row is compared with linear across them.
+RECON_AXES = ["recon_seed", "input_source"]
 NUMERIC = ["fid", "is", "is_std", "fp_fid", "fp_is", "fp_is_std", "recon_seconds", "total_seconds", "peak_rss_mb",
            "peak_gpu_mb", "resumed_steps", "step_mse_mean", "step_mse_last", "weight_bits", "act_bits", "restarts",
            "fid_lo", "fid_hi", "kid", "kid_std", "precision", "recall", "mse_vs_fp", "psnr_vs_fp"]
@@ -29,6 +35,7 @@ def normalise(df: pd.DataFrame) -> pd.DataFrame:
     for c in NUMERIC:
         df[c] = pd.to_numeric(df[c], errors="coerce")
     df["transforms"] = df["transforms"].fillna("")  # runs from before the transforms: the paper's method
+    df["recon_seed"] = pd.to_numeric(df["recon_seed"], errors="coerce").astype("Int64")
     df["job"] = pd.to_numeric(df["job"], errors="coerce").astype("Int64")
 
     def label(r) -> str:
@@ -55,8 +62,9 @@ def _bits(r) -> str:
     return f"{int(w)}/{int(a)}" if pd.notna(w) and pd.notna(a) else "?"
 
 
-def paper_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per job plus an FP row per reference context; never drops a job (unfinished rows keep their state)."""
+def paper_table(df: pd.DataFrame, root: str | Path = ".") -> pd.DataFrame:
+    """One row per job plus an FP row per reference context; never drops a job (unfinished rows keep their state).
+    ``root``: where the rows' ``dir`` (relative to it) are, for the paired shares from saved features."""
     df = normalise(df)
     axes = varying_axes(df)
     rows = df.to_dict("records")
@@ -78,8 +86,9 @@ def paper_table(df: pd.DataFrame) -> pd.DataFrame:
     t["bits"] = t.apply(_bits, axis=1)
     t["fid_delta"] = t["fid"] - t["fp_fid"]
     t.loc[t["method"] == "fp", "fid_delta"] = float("nan")
-    t["recovered"] = float("nan")
-    others = [c for c in axes if c not in CONTEXT] + CONTEXT
+    for c in ("recovered", "linear_fid", "rec_lo", "rec_hi"):
+        t[c] = float("nan")
+    others = [c for c in axes if c not in CONTEXT and c not in RECON_AXES] + CONTEXT
     lin = t[(t["method"] == "linear") & t["fid"].notna()]
     plain = t["transforms"].fillna("") == ""  # the paper's method (FP reference rows carry no transforms)
     for i, r in t[((t["method"] == "qdiff") | ((t["method"] == "linear") & ~plain)) & t["fid"].notna()
@@ -88,9 +97,18 @@ def paper_table(df: pd.DataFrame) -> pd.DataFrame:
         for c in others:  # the share of the gap of linear without transforms (the baseline row), in the same context
             m = m[plain.loc[m.index]] if c == "transforms" else m[m[c].astype(str) == str(r[c])]
         if len(m):
+            t.at[i, "linear_fid"] = m["fid"].mean()
             gap = m["fid"].mean() - r["fp_fid"]
-            if gap > 0:
-                t.at[i, "recovered"] = (m["fid"].mean() - r["fid"]) / gap
+            if gap <= 0:
+                continue
+            t.at[i, "recovered"] = (m["fid"].mean() - r["fid"]) / gap
+            # from the saved features (linear copies of one setting are identical runs): the point and its interval
+            dirs = r["dir"], m["dir"].iloc[0]
+            pair = paired_share(Path(root) / dirs[0], Path(root) / dirs[1]) \
+                if m["fid"].nunique() == 1 and all(isinstance(d, str) and d for d in dirs) else None
+            if pair is not None:
+                t.at[i, "recovered"] = pair["recovered"]
+                t.at[i, "rec_lo"], t.at[i, "rec_hi"] = pair["recovered_ci95"]
 
     def order(r) -> tuple:
         return (_k(r["model"]), -_f(r["act_bits"]), -_f(r["weight_bits"]), *[_k(r[c]) for c in axes if c != "model"],
@@ -98,7 +116,7 @@ def paper_table(df: pd.DataFrame) -> pd.DataFrame:
 
     t = t.iloc[sorted(range(len(t)), key=lambda i: order(t.iloc[i]))]
     cols = ["model", "method", "bits", "weight_bits", "act_bits", *[c for c in axes if c != "model"], "fid", "fid_lo",
-            "fid_hi", "is", "is_std", "kid", "precision", "recall", "mse_vs_fp", "fp_fid", "fid_delta", "recovered", "recon_seconds", "total_seconds", "peak_rss_mb", "state",
+            "fid_hi", "is", "is_std", "kid", "precision", "recall", "mse_vs_fp", "fp_fid", "fid_delta", "linear_fid", "recovered", "rec_lo", "rec_hi", "recon_seconds", "total_seconds", "peak_rss_mb", "state",
             "detail", "sweep", "job", "dir"]
     return t[cols].reset_index(drop=True)
 
@@ -125,6 +143,12 @@ def _num(v, fmt: str = "{:.2f}") -> str:
     return fmt.format(v)
 
 
+def _axis_value(v) -> str:
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+
 def display_table(t: pd.DataFrame) -> pd.DataFrame:
     """The paper table with formatted strings (Markdown / HTML)."""
     axes = [c for c in t.columns if c in AXES and c != "model"]
@@ -132,8 +156,7 @@ def display_table(t: pd.DataFrame) -> pd.DataFrame:
         "Model": t["model"].fillna("?"),
         "Method": t["method"].map(lambda m: METHOD_NAMES.get(m, m or "?")),
         "Bits (W/A)": t["bits"],
-        **{AXIS_NAMES[c]: t[c].map(lambda v: "—" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
-           for c in axes},
+        **{AXIS_NAMES[c]: t[c].map(_axis_value) for c in axes},
         "FID↓ [95 %]": [_num(f) + (f" [{_num(lo)}, {_num(hi)}]" if pd.notna(lo) and pd.notna(hi) else "")
                         for f, lo, hi in zip(t["fid"], t["fid_lo"], t["fid_hi"])],
         "IS↑": [(_num(a) + (f" ± {b:.2f}" if pd.notna(b) else "")) if pd.notna(a) else "—" for a, b in zip(t["is"], t["is_std"])],
@@ -141,13 +164,30 @@ def display_table(t: pd.DataFrame) -> pd.DataFrame:
         "KID↓": t["kid"].map(lambda v: _num(v, "{:.4f}")),
         "Precision / recall": [f"{_num(p)} / {_num(r)}" if pd.notna(p) else "—" for p, r in zip(t["precision"], t["recall"])],
         "MSE vs FP": t["mse_vs_fp"].map(lambda v: _num(v, "{:.4f}")),
-        "Recovered": t["recovered"].map(lambda v: _num(100 * v, "{:.0f}%") if pd.notna(v) else "—"),
+        "Recovered [paired 95 %]": [_num(v, "{:.3f}") + (f" [{lo:.3f}, {hi:.3f}]" if pd.notna(lo) else "")
+                                    for v, lo, hi in zip(t["recovered"], t["rec_lo"], t["rec_hi"])],
         "Recon (s)": t["recon_seconds"].map(lambda v: _num(v, "{:.0f}")),
         "Total (s)": t["total_seconds"].map(lambda v: _num(v, "{:.0f}")),
         "Peak RSS (MB)": t["peak_rss_mb"].map(lambda v: _num(v, "{:.0f}")),
         "State": t["state"],
     })
     return out
+
+
+def display_per_reconstruction(s: pd.DataFrame) -> pd.DataFrame:
+    """That summary with formatted numbers (Markdown / HTML)."""
+    shown = {"Model": s["model"], "Method": s["method"].map(lambda m: METHOD_NAMES.get(m, m)), "Bits (W/A)": s["bits"]}
+    for c in s.columns:
+        if c in AXIS_NAMES and c not in ("model",):
+            shown[AXIS_NAMES[c]] = s[c].map(_axis_value)
+    shown.update({
+        "Sampling seeds": s["seeds"], "FP FID": s["fp_fid"].map(lambda v: _num(v, "{:.3f}")),
+        "Linear FID": s["linear_fid"].map(lambda v: _num(v, "{:.3f}")), "FID": s["fid"].map(lambda v: _num(v, "{:.3f}")),
+        "Recovered (mean)": s["recovered"].map(lambda v: _num(v, "{:.3f}")),
+        "Per seed [paired 95 %]": s["per_seed"], "Lowest bound": s["lowest_ci95"].map(lambda v: _num(v, "{:.3f}")),
+        "Recon (s)": s["recon_seconds"].map(lambda v: _num(v, "{:.0f}")),
+    })
+    return pd.DataFrame(shown)
 
 
 def jobs_table(df: pd.DataFrame) -> pd.DataFrame:

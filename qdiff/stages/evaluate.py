@@ -15,15 +15,17 @@ from qdiff.stages.sample import SampleSets
 
 
 def evaluate(model: DiffusionModel, sets: SampleSets, spec, prompts: list[str] | None, real: torch.Tensor | None,
-             pre: dict, tracker) -> tuple[dict, dict]:
-    """Scores of the run's samples and everything compared with them; returns (scores, extra metrics)."""
+             pre: dict, tracker) -> tuple[dict, dict, dict]:
+    """Scores of the run's samples and everything compared with them; returns (scores, extra metrics, features):
+    features are the FID features of the run's samples and of the FP reference with the real set's statistics
+    (:meth:`Scorer.feature_record`; empty without FID), from which a report computes paired statistics."""
     scorer = Scorer(real, model.eval_kind, spec.eval, spec.device, pre.get("inception_weights"), spec.seed) \
         if real is not None and (spec.eval.fid or spec.eval.isc) else None
 
-    def score(images: torch.Tensor) -> dict:
-        return {} if scorer is None else scorer(images)
+    def score(images: torch.Tensor, keep: str | None = None) -> dict:
+        return {} if scorer is None else scorer(images, keep)
 
-    scores, extra = score(sets.samples), {}
+    scores, extra = score(sets.samples, "samples"), {}
     if sets.deployed is not None:
         d = sets.deployed - sets.samples
         extra["deploy"] = {**score(sets.deployed), "mse_vs_simulated": float((d ** 2).mean()),
@@ -31,7 +33,7 @@ def evaluate(model: DiffusionModel, sets: SampleSets, spec, prompts: list[str] |
         if sets.timing is not None:
             extra["deploy"]["sampling"] = sets.timing
     if sets.fp is not None:
-        extra["fp"] = {**score(sets.fp), "cache_hit": sets.fp_cache_hit}
+        extra["fp"] = {**score(sets.fp, "fp"), "cache_hit": sets.fp_cache_hit}
         scores.update(paired(sets.samples, sets.fp))
     if model.is_text_guided:
         from qdiff.eval.text import evaluate_text
@@ -45,7 +47,8 @@ def evaluate(model: DiffusionModel, sets: SampleSets, spec, prompts: list[str] |
     if sets.step_mse is not None:
         extra["analysis"] = analysis(sets, spec, tracker)
     comparison_figure(sets, scores, extra.get("fp", {}), spec)
-    return scores, extra
+    features = scorer.feature_record() if scorer is not None and spec.eval.fid else {}
+    return scores, extra, features
 
 
 def paired(samples: torch.Tensor, fp_samples: torch.Tensor) -> dict:
