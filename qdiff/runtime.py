@@ -104,3 +104,29 @@ def sync(device: torch.device | str) -> None:
     """Wait for the device's queued work (CUDA), so wall-clock times measure it."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def interleaved_ms(calls: dict, rounds: int, device: torch.device | str = "cpu", warmup: int = 1) -> dict[str, list[float]]:
+    """Milliseconds of each named call, ``rounds`` times each, in a rotating order (no call is always first, so
+    drift and caches hit all alike), the device synchronised around every call; ``warmup`` untimed calls each
+    first (compiles). The one timing helper of the deploy stage and every benchmark: compare the medians."""
+    names = list(calls)
+    for k in names:
+        for _ in range(warmup):
+            calls[k]()
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            sync(device)
+            t0 = time.perf_counter()
+            calls[k]()
+            sync(device)  # a GPU call returns before its kernels finish
+            times[k].append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
+def medians(times: dict[str, list[float]], digits: int = 3) -> dict[str, float]:
+    """The median of each name's times."""
+    import statistics
+
+    return {k: round(statistics.median(v), digits) for k, v in times.items()}

@@ -18,7 +18,7 @@ and reports:
 The forward passes' activations scale with ``--batch-size`` (calib.batch_size), which is therefore fixed
 across rows (64 by default, so that the smallest n fills a batch too).
 
-    python experiments/bench_calib_memory.py [--n 64 256 1024 4096] [--T 4] [--c 1] [--size 32]
+    python experiments/benchmarks/bench_calib_memory.py [--n 64 256 1024 4096] [--T 4] [--c 1] [--size 32]
                                              [--batch-size 64] [--out outputs/bench/calib_memory]
 
 Prints a Markdown table and writes ``results.json`` to ``--out``. Uses one CPU thread per child.

@@ -13,7 +13,7 @@ For each bit setting:
 Timings mean something only on a quiet machine (2 cores: a second busy process wrecks small-kernel timings).
 Prints a table, writes JSON.
 
-    python experiments/bench_deploy.py [--bits w8a8 w4a8] [--seeds 0 1] [--repeats 20]
+    python experiments/benchmarks/bench_deploy.py [--bits w8a8 w4a8] [--seeds 0 1] [--repeats 20]
 """
 from __future__ import annotations
 

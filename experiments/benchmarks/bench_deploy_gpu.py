@@ -7,19 +7,18 @@ checks it against the same artifact on the CPU (relative L2 of eps) and times on
 256 against the FP UNet in fp32, fp16 and bf16 (CUDA events, interleaved rounds, medians). It also records what
 ``backend="int8"`` answers on that device. Prints a table, writes JSON.
 
-    python experiments/bench_deploy_gpu.py <run_dir or artifact dir> [--device cuda] [--repeats 50]
+    python experiments/benchmarks/bench_deploy_gpu.py <run_dir or artifact dir> [--device cuda] [--repeats 50]
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from common import ROOT, print_table, write_json
+from common import ROOT, interleaved_ms, medians, print_table, write_json
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -29,31 +28,11 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def latency_ms(variants: dict, x: torch.Tensor, t: torch.Tensor, repeats: int, device: torch.device) -> dict:
-    """Median ms of one call per variant; rounds interleave the variants in a rotating order."""
+    """Median ms of one call per variant (the shared interleaved timer; 3 warm-up calls each: cuDNN autotuning)."""
     from qdiff.models.base import eps
 
-    def call(name):
-        m, dtype = variants[name]
-        return eps(m, x.to(dtype), t)
-
-    for k in variants:  # warm-up (cuDNN autotuning, allocations)
-        for _ in range(3):
-            call(k)
-    names, times = list(variants), {k: [] for k in variants}
-    for r in range(repeats):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                call(k)
-                end.record()
-                end.synchronize()
-                times[k].append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                call(k)
-                times[k].append(1e3 * (time.perf_counter() - t0))
-    return {k: round(statistics.median(v), 3) for k, v in times.items()}
+    calls = {k: (lambda m=m, dtype=dtype: eps(m, x.to(dtype), t)) for k, (m, dtype) in variants.items()}
+    return medians(interleaved_ms(calls, repeats, device, warmup=3))
 
 
 def main() -> None:

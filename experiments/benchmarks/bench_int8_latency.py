@@ -4,7 +4,7 @@ Loads a run's artifact with ``backend="int8"`` and the FP digits UNet through th
 (``compile_fp``), then times one noise estimate per variant at each batch size: 30 interleaved rounds, rotating
 order, medians (``qdiff.deploy.stage.latency_ms``). Meaningful only on a quiet machine. Prints a table, writes JSON.
 
-    python experiments/bench_int8_latency.py <run_dir or artifact dir> [--batches 64 256] [--repeats 30]
+    python experiments/benchmarks/bench_int8_latency.py <run_dir or artifact dir> [--batches 64 256] [--repeats 30]
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Makespan of Stable Diffusion v1.4's W4A8 calibration on K GPUs with ``recon.workers=K`` (issue 26), from measured
 per-unit costs.
 
-Reads the H200 measurement of ``experiments/bench_sd_block.py`` (``docs/measurements/sd14_block_h200.json``: every one
+Reads the H200 measurement of ``experiments/benchmarks/bench_sd_block.py`` (``docs/measurements/sd14_block_h200.json``: every one
 of the 80 units' FP forward time at batch 32, the fitted optimisation-step time a + b * forward, the LSQ/AdaRound step
 ratio, the whole UNet's FP and fake-quantized forward, model setup seconds) and schedules the paper's budget (20k
 AdaRound + 5k LSQ steps per unit, N = 6400 calibration inputs) the way qdiff runs it:
@@ -17,7 +17,7 @@ AdaRound + 5k LSQ steps per unit, N = 6400 calibration inputs) the way qdiff run
 Generating the calibration set (256 trajectories x 50 steps x 2 branches) comes first in every mode. Prints a table
 (hours) with what bounds each makespan and writes JSON. Needs no GPU: it reads the measurement.
 
-    python experiments/bench_makespan.py [--measurement docs/measurements/sd14_block_h200.json] [--workers 1 8 16 80]
+    python experiments/benchmarks/bench_makespan.py [--measurement docs/measurements/sd14_block_h200.json] [--workers 1 8 16 80]
 """
 from __future__ import annotations
 

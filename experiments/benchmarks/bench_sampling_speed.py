@@ -3,18 +3,17 @@
 FP and quantized samplers run interleaved in one process (--repeats rounds, median reported) so that
 background load affects both alike. Prints a table, writes JSON.
 
-    python experiments/bench_sampling_speed.py [--n 256] [--steps 100] [--repeats 3]
+    python experiments/benchmarks/bench_sampling_speed.py [--n 256] [--steps 100] [--repeats 3]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from common import ROOT, print_table, write_json
+from common import ROOT, interleaved_ms, print_table, write_json
 
 
 def main() -> None:
@@ -38,13 +37,8 @@ def main() -> None:
         wb, ab = int(bits[1]), int(bits[3:])
         variants[bits.upper()] = qdiff.quantize(model.unet, qdiff.QuantConfig(method="linear", weight_bits=wb, act_bits=ab),
                                                 (x, t), progress=False)
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for r in range(args.repeats):
-        for name, unet in variants.items():
-            t0 = time.perf_counter()
-            generate(model, unet, cfg, args.n, seed=r, progress=False)
-            times[name].append(time.perf_counter() - t0)
-            print(f"round {r} {name}: {times[name][-1]:.1f} s", flush=True)
+    calls = {name: (lambda u=unet: generate(model, u, cfg, args.n, seed=0, progress=False)) for name, unet in variants.items()}
+    times = {k: [ms / 1e3 for ms in v] for k, v in interleaved_ms(calls, args.repeats, warmup=0).items()}
     fp = statistics.median(times["FP"])
     rows = [{"model": k, "seconds": statistics.median(v), "vs_fp": statistics.median(v) / fp,
              "per_step_ms": 1000 * statistics.median(v) / args.steps} for k, v in times.items()]

@@ -16,7 +16,7 @@ through qdiff's own reconstruction steps (the ones ``python run.py`` runs):
 
 Prints a table and writes JSON. Needs a GPU for meaningful numbers (``--device cpu --small`` is a smoke run).
 
-    python experiments/bench_sd_block.py [--device cuda] [--n 6400] [--weight-iters 300] [--act-iters 100] [--bf16]
+    python experiments/benchmarks/bench_sd_block.py [--device cuda] [--n 6400] [--weight-iters 300] [--act-iters 100] [--bf16]
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmark scripts: compose configs like run.py, run them, print a table, write JSON."""
+"""Shared helpers of the benchmark scripts: compose configs like run.py, run them, time calls (interleaved, medians:
+``interleaved_ms``/``medians``, the same timer as the deploy stage), print a table, write JSON."""
 from __future__ import annotations
 
 import json
@@ -6,8 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from qdiff.runtime import interleaved_ms, medians  # noqa: E402,F401 - the one timing helper of every benchmark
 
 
 def compose(overrides: list[str], out_dir: Path, cache_dir: Path | None = None):

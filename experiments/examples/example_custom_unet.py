@@ -1,6 +1,6 @@
 """Quantize your own noise predictor through the public API only: a tutorial-style DDPM UNet, W4A8, end to end.
 
-    python experiments/example_custom_unet.py            # ~1-2 min on 2 CPU cores
+    python experiments/examples/example_custom_unet.py            # ~1-2 min on 2 CPU cores
 
 The network is the kind a tutorial writes, not a diffusers class: LayerNorm-style blocks with a time embedding,
 strided convolutions down, ConvTranspose2d up, and skips as ``torch.cat([up, skip]) + time embedding``. It is
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def sinusoidal(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Quantize diffusers pipelines in a few lines: an unconditional DDIM pipeline and a text-guided Stable Diffusion one.
 
-    python experiments/example_diffusers_pipeline.py      # ~1.5 min on 2 CPU cores, offline
+    python experiments/examples/example_diffusers_pipeline.py      # ~1.5 min on 2 CPU cores, offline
 
 Both pipelines are tiny and random-init (``qdiff.testing.tiny_pipeline``; with real weights the same lines
 take ``DDIMPipeline.from_pretrained("google/ddpm-cifar10-32")`` or ``StableDiffusionPipeline.from_pretrained(...)``).
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red circle on a white table", "a blue square in the sky", "a green triangle near a lake",
            "a yellow star above a house"]
 

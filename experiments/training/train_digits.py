@@ -4,7 +4,7 @@ Deterministic on CPU given --seed. Writes qdiff/models/weights/digits_unet.safet
 and a JSON card beside it. ~20 minutes on 2 CPU cores with the defaults. :func:`fit` and :func:`save` are the
 loop and the output of every embedded model's training (``train_digits_dit.py`` uses them too).
 
-    python experiments/train_digits.py [--steps 3000] [--out PATH]
+    python experiments/training/train_digits.py [--steps 3000] [--out PATH]
 """
 from __future__ import annotations
 

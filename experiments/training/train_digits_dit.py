@@ -7,7 +7,7 @@ embedder, which would each drop on its own in train mode, so the model is traine
 or batch norm) with the labels already dropped. The loop is train_digits.py's. Deterministic on CPU given --seed.
 Writes qdiff/models/weights/digits_dit.safetensors (EMA weights) and a JSON card beside it.
 
-    python experiments/train_digits_dit.py [--steps 4000] [--out PATH]
+    python experiments/training/train_digits_dit.py [--steps 4000] [--out PATH]
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def main() -> None:
     ema, losses, seconds = fit(model, args, "digits DiT", batch_loss,
                                lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
     save(ema, args, "qdiff-digits-dit", {
-        "command": f"python experiments/train_digits_dit.py --steps {args.steps} --batch-size {args.batch_size} "
+        "command": f"python experiments/training/train_digits_dit.py --steps {args.steps} --batch-size {args.batch_size} "
                    f"--lr {args.lr} --ema {args.ema} --seed {args.seed}",
         "class_dropout": CLASS_DROPOUT, "dit_config": DIT_CONFIG, "scheduler_config": SCHEDULER_CONFIG}, losses, seconds)
 

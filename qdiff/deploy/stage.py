@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from qdiff.models.base import eps
-from qdiff.runtime import sync
 
 
 def deploy(model, qunet: nn.Module, artifact: Path, spec) -> tuple[nn.Module, dict[str, nn.Module], dict]:
@@ -58,18 +57,9 @@ def _example(model, spec) -> tuple[torch.Tensor, torch.Tensor, dict]:
 @torch.no_grad()
 def latency_ms(variants: dict[str, nn.Module], x: torch.Tensor, t: torch.Tensor, cond: dict, repeats: int) -> dict:
     """Median milliseconds of one noise estimate per variant (after one warm-up call each, which compiles)."""
-    for unet in variants.values():
-        eps(unet, x, t, cond)
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    names = list(variants)
-    for r in range(repeats):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            sync(x.device)
-            t0 = time.perf_counter()
-            eps(variants[k], x, t, cond)
-            sync(x.device)  # a GPU call returns before its kernels finish
-            times[k].append(1e3 * (time.perf_counter() - t0))
-    return {k: round(statistics.median(v), 3) for k, v in times.items()}
+    from qdiff.runtime import interleaved_ms, medians
+
+    return medians(interleaved_ms({k: (lambda u=u: eps(u, x, t, cond)) for k, u in variants.items()}, repeats, x.device))
 
 
 @torch.no_grad()
