@@ -433,7 +433,7 @@ def test_export_into_a_non_empty_folder_is_refused_unless_overwrite(tmp_path):
     with torch.no_grad():
         assert torch.equal(qdiff.load_deployed(art)(x, t), q(x, t))
     # the CLI: --out refused when not empty, replaced with --overwrite
-    from qdiff.export import main
+    from qdiff.deploy.cli import main
 
     assert main([str(art), "--out", str(tmp_path / "other")]) == 2
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"

@@ -1,27 +1,19 @@
-"""``python -m qdiff.export <run_dir or artifact> [--out DIR] [--check int8]``: a run's deployable artifact.
+"""``python -m qdiff.deploy <run_dir or artifact> [--out DIR] [--check int8]``: a run's deployable artifact.
 
 Every quantized run writes its model as a packed artifact (``<run_dir>/quantized_unet``: safetensors + JSON,
 see :mod:`qdiff.deploy.artifact`). This command verifies it rebuilds from the files alone, prints its size
 against FP32 and its layer table's bit widths, copies it to ``--out`` for shipping, and with ``--check int8``
 runs it on the int8 backend next to the simulated model (relative L2 of eps at t = 10, 500, 990, and the int8
-kernels inductor produced). In Python, ``qdiff.export(qmodel, path)`` writes an artifact (this module is
-callable as that function).
+kernels inductor produced). In Python, ``qdiff.export(qmodel, path)`` writes an artifact. (``python -m
+qdiff.export`` is the old spelling of this command: it still works, with a deprecation warning.)
 """
 from __future__ import annotations
 
 import argparse
 import shutil
 import sys
-import types
 from collections import Counter
 from pathlib import Path
-
-
-def export(*args, **kwargs):
-    """:func:`qdiff.deploy.export` (``qdiff.export(qmodel, path)``)."""
-    from qdiff.deploy import export as _export
-
-    return _export(*args, **kwargs)
 
 
 def _artifact_dir(path: Path) -> Path:
@@ -52,7 +44,7 @@ def check(path: Path, backend: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qdiff.export", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m qdiff.deploy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", type=Path, help="a run directory (holding quantized_unet/) or an artifact directory")
     p.add_argument("--out", type=Path, help="copy the verified artifact here")
@@ -88,16 +80,3 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
         print(f"  copied to {args.out}")
     return 0
-
-
-class _CallableModule(types.ModuleType):
-    """``qdiff.export`` is both this CLI module and the export function: calling the module exports."""
-
-    def __call__(self, *args, **kwargs):
-        return export(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
-
-if __name__ == "__main__":
-    sys.exit(main())

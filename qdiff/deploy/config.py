@@ -18,7 +18,7 @@ class DeployConfig:
     compile: bool = True
     #: Also time it: UNet latency (batch 1 and the sampler's batch) and sampling time of FP eager, FP compiled, the
     #: simulated model and the artifact, interleaved. Off: the run samples with the artifact and scores it, no timing
-    #: (the benchmarks experiments/bench_deploy.py and bench_int8_latency.py time it on a quiet machine).
+    #: (the benchmarks experiments/benchmarks/bench_deploy.py and bench_int8_latency.py time it on a quiet machine).
     timing: bool = False
     #: Interleaved calls per variant for the UNet latency (medians reported).
     latency_repeats: int = 20
