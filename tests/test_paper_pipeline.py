@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+
 from qdiff.errors import ConfigError
 from qdiff.run import run
 from qdiff.quant import QuantLayer
@@ -418,17 +418,16 @@ def test_bf16_mixed_reconstruction_runs_on_cpu_and_16_mixed_is_refused(compose_c
 
 # --- offline ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name, names_weights", [
     ("sd14", "CompVis/stable-diffusion-v1-4"),
     ("ldm_bedroom", "https://ommer-lab.com/files/latent-diffusion/lsun_bedrooms.zip"),
     ("dit_xl2_256", "facebook/DiT-XL-2-256"),
     ("pixart_sigma", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"),
 ])
-def test_cli_without_weights_fails_in_one_line_before_any_work(name, names_weights, tmp_path, monkeypatch):
+def test_cli_without_weights_fails_in_one_line_before_any_work(name, names_weights, tmp_path, monkeypatch, cli):
     monkeypatch.delenv("QDIFF_COCO_CAPTIONS", raising=False)  # the missing-captions check must not come first
-    r = run_cli([f"model={name}", f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path,
-                timeout=300, env={"HF_HUB_OFFLINE": "1"})
+    r = cli([f"model={name}", f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path,
+            env={"HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, r.stderr[-2000:]

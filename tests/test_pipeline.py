@@ -7,15 +7,14 @@ import json
 
 import torch
 
-from conftest import TINY, run_cli
+from conftest import TINY
 from qdiff.eval.config import EvalConfig
 from qdiff.eval.fidelity import compute_metrics
 from qdiff.sampling import SamplerConfig, generate
 
 
-@pytest.mark.slow
-def test_tiny_cli_run_writes_its_own_outputs(tmp_path):
-    r = run_cli(["quant=fp", *TINY, f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path)
+def test_tiny_cli_run_writes_its_own_outputs(tmp_path, cli):
+    r = cli(["quant=fp", *TINY, f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     run = tmp_path / "run"
     m = json.loads((run / "metrics.json").read_text())
@@ -61,10 +60,9 @@ def test_fp_fid_is_near_noise_floor_and_noise_is_far_above(digits_model, digits_
     assert fp["is"] > 2 * noise["is"]
 
 
-@pytest.mark.slow
-def test_wandb_offline_run_is_created(tmp_path):
-    r = run_cli(["quant=fp", *TINY, "logger=wandb", f"hydra.run.dir={tmp_path / 'run'}",
-                 f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path, env={"WANDB_MODE": "offline"})
+def test_wandb_offline_run_is_created(tmp_path, cli):
+    r = cli(["quant=fp", *TINY, "logger=wandb", f"hydra.run.dir={tmp_path / 'run'}",
+             f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path, env={"WANDB_MODE": "offline"})
     assert r.returncode == 0, r.stderr[-2000:]
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1

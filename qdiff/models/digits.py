@@ -110,7 +110,7 @@ class DigitsClassifier(torch.nn.Module):
         return f, self.head(f)
 
     def layers(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every candidate feature layer for FID (experiments/metric_layers.py measures which reads best): each
+        """Every candidate feature layer for FID (docs/results-digits.md: which reads best): each
         conv block's activations averaged globally (``*_gap``: 32, 32, 64-d) and over 2x2 quadrants (``*_pool2``:
         128, 128, 256-d), the flattened last pool (1024-d), the penultimate layer before and after its ReLU
         (128-d) and the logits (10-d)."""

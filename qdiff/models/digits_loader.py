@@ -37,7 +37,7 @@ def load_digits(cfg: ModelConfig) -> DiffusionModel:
     from diffusers import UNet2DModel
 
     unet, arch, source = _network("digits", UNet2DModel, UNET_CONFIG, cfg, UNET_WEIGHTS,
-                                  "`python experiments/train_digits.py` (~20 min on 2 CPU cores)", "digits UNet")
+                                  "`python experiments/training/train_digits.py` (~20 min on 2 CPU cores)", "digits UNet")
     return _digits_model("digits", unet, arch, source)
 
 
@@ -48,7 +48,7 @@ def load_digits_dit(cfg: ModelConfig) -> DiffusionModel:
     from diffusers import DiTTransformer2DModel
 
     net, arch, source = _network("digits_dit", DiTTransformer2DModel, DIT_CONFIG, cfg, DIT_WEIGHTS,
-                                 "`python experiments/train_digits_dit.py` (~30 min on 2 CPU cores)", "digits DiT")
+                                 "`python experiments/training/train_digits_dit.py` (~30 min on 2 CPU cores)", "digits DiT")
     return _digits_model("digits_dit", net, arch, source, guidance_scale=cfg.guidance_scale, num_classes=NUM_CLASSES)
 
 

@@ -120,7 +120,7 @@ class ShareJob(submitit.helpers.Checkpointable):
 
 
 #: An optimisation step's milliseconds ~ a + b * (the unit's FP forward milliseconds at the same batch), fitted on SD
-#: v1.4 units on an H200 (experiments/bench_sd_block.py, docs/measurements/sd14_block_h200.json: a 2.06, b 3.31).
+#: v1.4 units on an H200 (experiments/benchmarks/bench_sd_block.py, docs/measurements/sd14_block_h200.json: a 2.06, b 3.31).
 STEP_MS = (2.06, 3.31)
 
 
