@@ -218,7 +218,7 @@ def test_report_on_a_single_run_dir_and_on_a_directory_of_runs(local_sweep, tmp_
     assert dict(zip(both.jobs["dir"], both.jobs["state"])) == {"a": "completed", "b": "completed", "c": "failed"}
 
 
-def _fake_run(d: Path, method: str, seed: int, samples, fp, real, recon_seed=None) -> None:
+def _fake_run(d: Path, method: str, seed: int, samples, fp, real, recon_seed=None, transforms="") -> None:
     """A finished run folder as the report reads it: metrics.json and the saved features."""
     from qdiff.cache import save_tensors
     from qdiff.eval.fidelity import fid
@@ -228,7 +228,7 @@ def _fake_run(d: Path, method: str, seed: int, samples, fp, real, recon_seed=Non
     save_tensors(d / FEATURES_FILE, {"features.samples": samples, "features.fp": fp,
                                      **{f"real.{k}": torch.from_numpy(v) for k, v in real.items()}})
     m = {"model": "digits", "method": method, "weight_bits": 4, "act_bits": 8, "quant": "W4A8", "sampler": "ddim",
-         "steps": 10, "n_samples": len(samples), "seed": seed, "transforms": "", "fid": fid(samples, real),
+         "steps": 10, "n_samples": len(samples), "seed": seed, "transforms": transforms, "fid": fid(samples, real),
          "fp": {"fid": fid(fp, real)}, **({"recon_seed": recon_seed, "input_source": "quantized"} if recon_seed is not None else {})}
     (d / "metrics.json").write_text(json.dumps(m))
 
@@ -253,13 +253,20 @@ def test_report_computes_paired_recovered_shares_per_reconstruction_from_saved_f
             q = noise * (1 + 0.1 * rs) + 0.05 * rs
             _fake_run(tmp_path / f"qdiff_rs{rs}_s{seed}", "qdiff", seed, q, fp, real, recon_seed=rs)
             expected[rs, seed] = recovered_share(q, lin, fp, real, 200, 0)
+        # a transformed method (e.g. quant=w4a4's smoothing + low-rank branch) is compared with plain linear too
+        _fake_run(tmp_path / f"smooth_s{seed}", "qdiff", seed, noise * 1.05, fp, real, recon_seed=0, transforms="smooth0.5")
+        expected["smooth", seed] = recovered_share(noise * 1.05, lin, fp, real, 200, 0)
     rep = build_report(tmp_path, use_sacct=False, figures=False)
-    rows = rep.table[rep.table["method"] == "qdiff"]
+    sm = rep.table[rep.table["transforms"] == "smooth0.5"].sort_values("seed")
+    assert [(r, [lo, hi]) for r, lo, hi in zip(sm["recovered"], sm["rec_lo"], sm["rec_hi"])] == \
+        [(expected["smooth", s]["recovered"], expected["smooth", s]["recovered_ci95"]) for s in (0, 1)]
+    assert "| smooth0.5 |" in (tmp_path / "report.md").read_text()
+    rows = rep.table[(rep.table["method"] == "qdiff") & (rep.table["transforms"] == "")]
     assert len(rows) == 6 and rows["rec_lo"].notna().all()
     for _, r in rows.iterrows():
         e = expected[int(r["recon_seed"]), int(r["seed"])]
         assert (r["recovered"], [r["rec_lo"], r["rec_hi"]]) == (e["recovered"], e["recovered_ci95"])
-    s = rep.per_recon.set_index("recon_seed")
+    s = rep.per_recon[rep.per_recon["transforms"] == ""].set_index("recon_seed")
     assert sorted(s.index) == [0, 1, 2] and (s["seeds"] == "0 1").all()
     for rs in (0, 1, 2):
         e0, e1 = expected[rs, 0], expected[rs, 1]
@@ -271,7 +278,7 @@ def test_report_computes_paired_recovered_shares_per_reconstruction_from_saved_f
     # a run without saved features (made before them) keeps its point value, without an interval
     (tmp_path / "qdiff_rs0_s0" / "eval_features.safetensors").unlink()
     t = build_report(tmp_path, use_sacct=False, figures=False).table
-    r = t[(t["method"] == "qdiff") & (t["recon_seed"] == 0) & (t["seed"] == 0)].iloc[0]
+    r = t[(t["method"] == "qdiff") & (t["recon_seed"] == 0) & (t["seed"] == 0) & (t["transforms"] == "")].iloc[0]
     assert r["recovered"] == pytest.approx(expected[0, 0]["recovered"], abs=1e-4) and pd.isna(r["rec_lo"])
 
 

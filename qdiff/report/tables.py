@@ -17,7 +17,7 @@ CONTEXT = ["model", "sampler", "steps", "n_samples", "seed"]
 AXES = ["model", "sampler", "steps", "n_samples", "seed", "calib_mode", "calib_c", "calib_n", "split", "transforms",
         "recon_seed", "input_source"]
 AXIS_NAMES = {"model": "Model", "sampler": "Sampler", "steps": "Steps", "n_samples": "Samples", "seed": "Seed",
-              "calib_mode": "Calibration", "calib_c": "c", "calib_n": "n", "split": "Split", "recon_seed": "Recon seed",
+              "calib_mode": "Calibration", "calib_c": "c", "calib_n": "n", "split": "Split", "transforms": "Transforms", "recon_seed": "Recon seed",
               "input_source": "Recon inputs"}
 #: Axes of the reconstruction only: a linear baseline has none, so a method's row is compared with linear across them.
 RECON_AXES = ["recon_seed", "input_source"]
