@@ -206,6 +206,7 @@ def test_quantize_pipeline_unconditional_runs_with_a_quantized_unet_and_saves_an
         assert np.array_equal(_images(loaded, batch_size=2), q)
 
 
+@pytest.mark.slow
 def test_quantize_pipeline_text_guided_uses_the_pipelines_encoder_guidance_and_saves_and_loads(tmp_path):
     pipe = qdiff.testing.tiny_pipeline("stable_diffusion")
     pipe.set_progress_bar_config(disable=True)

@@ -441,6 +441,7 @@ def test_export_into_a_non_empty_folder_is_refused_unless_overwrite(tmp_path):
     assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["deploy.json", "model.safetensors"]
 
 
+@pytest.mark.slow
 def test_a_kill_during_export_leaves_the_earlier_artifact_intact_and_no_partial_one(tmp_path):
     q, x, t = _linear_model()
     art = tmp_path / "art"

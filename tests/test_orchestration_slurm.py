@@ -50,6 +50,7 @@ def _done_steps(cache: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_sweep_runs_as_a_slurm_array_and_a_requeued_finished_job_returns_its_result(tmp_path):
     """(a) plain hydra/launcher=submitit_slurm: 3 jobs, each COMPLETED in sacct; then requeue a finished task."""
     sweep = tmp_path / "sweep"
@@ -80,6 +81,7 @@ def test_sweep_runs_as_a_slurm_array_and_a_requeued_finished_job_returns_its_res
     assert "returning its metrics" in (sweep / "2" / "run.log").read_text()
 
 
+@pytest.mark.slow
 def test_preempted_job_is_requeued_and_resumes_to_the_identical_result(tmp_path):
     """(b) hydra/launcher=slurm: interrupt mid-reconstruction with submitit's job._interrupt(); compare with a plain run."""
     import submitit
@@ -134,6 +136,7 @@ def test_preempted_job_is_requeued_and_resumes_to_the_identical_result(tmp_path)
     assert quality(m) == quality(m_ref)
 
 
+@pytest.mark.slow
 def test_cancelled_job_is_reported_cancelled_not_lost(tmp_path):
     """(c) scancel one job of a 2-job array: the report lists it as cancelled (sacct), beside the completed one."""
     sweep = tmp_path / "sweep"
@@ -158,6 +161,7 @@ def test_cancelled_job_is_reported_cancelled_not_lost(tmp_path):
     assert ">cancelled<" in page and "sacct: CANCELLED" in page
 
 
+@pytest.mark.slow
 def test_qdiff_job_cli_submits_and_returns_metrics(tmp_path):
     """python -m qdiff.launch: one QDiffJob through submitit on SLURM; --wait prints its metrics."""
     run_dir = tmp_path / "run"
@@ -173,6 +177,7 @@ def test_qdiff_job_cli_submits_and_returns_metrics(tmp_path):
     assert list((run_dir / ".submitit").glob("*/*_log.out"))
 
 
+@pytest.mark.slow
 def test_reconstruction_on_two_slurm_workers_overlaps_and_equals_one_process(tmp_path):
     """``recon.workers=2 recon.launcher=slurm`` from ``python run.py``: the AdaRound and the LSQ phase each run as a
     2-job SLURM array whose jobs sacct shows running at the same time; the quantized model equals a one-process run

@@ -361,6 +361,7 @@ def test_paper_experiments_use_the_papers_sampler_and_table5_calibration(experim
 
 # --- scale: disk-streamed reconstruction, mixed precision ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_reconstruction_streamed_from_disk_equals_in_memory(tmp_path, monkeypatch):
     from qdiff.api import prepare
     from qdiff.calib import CalibConfig, collect_calibration

@@ -55,6 +55,7 @@ def test_shares_balance_cost_and_keep_plan_order():
     assert split(list("ab"), 5, cost=lambda _: 1) == [["a"], ["b"]]
 
 
+@pytest.mark.slow
 def test_killed_worker_is_resubmitted_nothing_runs_twice_and_the_merge_equals_one_process(tmp_path):
     iters = 150
     # reference: the same steps in this process (one thread, as each worker)

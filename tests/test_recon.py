@@ -44,6 +44,7 @@ def test_units_are_blocks_by_registry_or_pattern_and_layers_otherwise():
     assert plain["down"] == plain["dec"] == plain["mid"] == "block" and plain["up"] == "layer"
 
 
+@pytest.mark.slow
 def test_adaround_ends_hard_and_on_the_grid_and_beats_linear():
     net, q, calib, qcfg, rcfg = setup(iters=300)
     qcfg = QuantConfig(method="qdiff", weight_bits=4, act_bits=32)
@@ -259,6 +260,7 @@ def test_work_folder_made_with_other_settings_is_refused_never_mixed(tmp_path):
         qdiff.quantize(net, qcfg, calib, rcfg, work_dir=tmp_path / "stray", progress=False)
 
 
+@pytest.mark.slow
 def test_adaround_stops_once_every_rounding_variable_is_decided_with_the_same_result():
     """recon.stop_when_hard ends a unit's loop early only when no later step could change its rounding."""
     from dataclasses import replace

@@ -168,6 +168,7 @@ def test_submitit_raising_job_fails(tmp_path: Path) -> None:
         job.result()
 
 
+@pytest.mark.slow
 def test_submitit_checkpointable_is_requeued_after_preemption(tmp_path: Path) -> None:
     """Preempt a running Checkpointable job: it is requeued and finishes (~12-15 s here)."""
     import submitit

@@ -137,6 +137,7 @@ def test_keyword_convention_for_transformers_that_take_timestep_later():
     assert torch.equal(call(Plain(), x, t), torch.tensor([[1.0] * 3, [2.0] * 3]))
 
 
+@pytest.mark.slow
 def test_digits_dit_runs_the_whole_pipeline_through_the_cli_config(compose_cfg):
     from conftest import TINY
     from qdiff.run import run

@@ -92,6 +92,7 @@ def test_fp_drops_the_transforms_and_tags_name_them():
     assert QuantConfig(smooth=0.5, lowrank=8).transforms == ["smooth0.5", "lr8"]
 
 
+@pytest.mark.slow
 def test_transformed_qdiff_model_round_trips_through_the_artifact_and_runs_int8(tmp_path):
     """Reconstruction on top of both transforms; the artifact carries divisors and branches: the simulated backend
     is bit-exact, the int8 backend runs every quantized layer on int8 kernels (branches in float) within the same
