@@ -19,11 +19,28 @@ TINY = [
 ]
 
 
+#: pytest-xdist workers running this session (1 without xdist); the machine's cores are shared out among them.
+WORKERS = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+THREADS = max(1, min(2, (os.cpu_count() or 1) // WORKERS))
+if WORKERS > 1:  # the subprocesses a test starts (CLI runs, submitit workers) get this worker's share too
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+
+#: Tests that talk to the one local SLURM cluster (its queue, its node state, its accounting): under xdist they
+#: all run on one worker, one after another, as they would without it.
+SLURM_GROUP = pytest.mark.xdist_group("slurm")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slurm") or item.get_closest_marker("uses_slurm"):
+            item.add_marker(SLURM_GROUP)
+
+
 @pytest.fixture(autouse=True)
 def _cpu_threads():
-    """Two threads at most, restored afterwards (tests share the CI machine's 2 cores)."""
+    """This worker's share of the cores (two threads at most), restored afterwards."""
     n = torch.get_num_threads()
-    torch.set_num_threads(min(n, 2))
+    torch.set_num_threads(min(n, THREADS))
     yield
     torch.set_num_threads(n)
 

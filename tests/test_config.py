@@ -49,6 +49,7 @@ def test_default_run_is_qdiff_w4a8_on_digits(compose_cfg):
     ("sampler.name=euler", "unknown sampler 'euler'"),
     ("sampler.steps=0", "sampler.steps must be > 0"),
     ("eval.n_samples=-5", "eval.n_samples must be >= 2"),
+    ("eval.save_features=no", "eval.save_features must be true or false, got 'no'"),
     ("quant.weight_bits=9", "quant.weight_bits must be an integer in 2..8"),
     ("quant.act_bits=1", "quant.act_bits must be an integer in 2..8"),
     ("quant.method=gptq", "unknown quant.method 'gptq'"),

@@ -137,43 +137,44 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.slow
-def test_int8_backend_runs_every_layer_on_int8_kernels_split_layers_included(tmp_path, monkeypatch):
+@pytest.mark.parametrize("bits, forced", [(4, None), (8, None), (8, True)], ids=["w4-qdiff", "w8-native", "w8-split-forced"])
+def test_int8_backend_runs_every_layer_on_int8_kernels_split_layers_included(bits, forced, tmp_path, monkeypatch):
     """Tiny diffusers UNet, qdiff W4A8 with shortcut splits: every conv/linear (both halves of a split layer)
     lowered to oneDNN int8, within a few percent of the simulated model; asymmetric 8-bit weights too, on any x86
     CPU: without VNNI oneDNN sums products pairwise in a saturating int16, so weights wider than +-64 run as two
     exact int8 kernels there (16 * hi + lo; before that split, 8-bit weights were off by 0.29 relative L2 on an AMD
-    EPYC Zen 3). The split is also forced here where the CPU does not need it, so that both paths run on every CPU. The bound: with no saturation,
+    EPYC Zen 3). The split is also forced here where the CPU does not need it, so that both paths run on every CPU (where it
+    needs it, that case repeats the native one and is skipped). The bound: with no saturation,
     int8 differs from the simulated model only where an activation code flips (round(x * (1/s)) vs round(x / s)),
     measured 0.3 % at 4 bits and 0.03 % at 8 bits (relative L2): 0.02 leaves a wide margin."""
     import qdiff.deploy.int8 as int8_backend
     from qdiff.models import eps
 
+    native = int8_backend.saturating_pairs()
+    if forced and native:
+        pytest.skip("this CPU saturates int16 pairs (no VNNI): the native 8-bit case already runs the split")
     unet = _tiny_diffusers_unet()
     x, t = _calib(8)
-    native = int8_backend.saturating_pairs()
-    cases = [(4, qdiff.ReconConfig(weight_iters=4, act_iters=2, batch_size=4), None), (8, None, None)]
-    if not native:            # forcing the split repeats the native 8-bit case where the CPU saturates anyway
-        cases.append((8, None, True))
-    for bits, recon, forced in cases:
-        cfg = QuantConfig(method="qdiff" if recon else "linear", weight_bits=bits, act_bits=8)
-        q = qdiff.quantize(unet, cfg, (x, t), recon, progress=False)
-        layers = dict(quant_layers(q))
-        n_split = sum(1 for layer in layers.values() if layer.split)
-        n_linear = sum(1 for layer in layers.values() if layer.org_type == "Linear")
-        export(q, tmp_path / f"w{bits}{forced}")
-        monkeypatch.setattr(int8_backend, "saturating_pairs", lambda: native if forced is None else forced)
-        int8 = load_deployed(tmp_path / f"w{bits}{forced}", backend="int8")
-        out = int8(x, t)                                      # called like the diffusers UNet: .sample, or a tuple
-        assert torch.equal(int8(x, t, return_dict=False)[0], out.sample)
-        with torch.no_grad():
-            assert _rel(out.sample, eps(q, x, t)) < 0.02, (bits, forced)
-        wide = {n: sum(hasattr(m, f"int_weight_lo{i}") for i in range(len(m.acts)))   # weight parts run as 2 kernels
-                for n, m in int8.net.named_modules() if isinstance(m, int8_backend.Int8Layer)}
-        assert (sum(wide.values()) > 0) == (bits == 8 and (native if forced is None else forced)), wide
-        wide_linear = sum(k for n, k in wide.items() if layers[n].org_type == "Linear")
-        kernels = next(iter(int8.kernels.values()))
-        assert n_split > 0 and kernels["int8"] == kernels["expected"] == {
-            "conv": len(layers) - n_linear + n_split + sum(wide.values()) - wide_linear, "linear": n_linear + wide_linear}
+    recon = qdiff.ReconConfig(weight_iters=4, act_iters=2, batch_size=4) if bits == 4 else None
+    cfg = QuantConfig(method="qdiff" if recon else "linear", weight_bits=bits, act_bits=8)
+    q = qdiff.quantize(unet, cfg, (x, t), recon, progress=False)
+    layers = dict(quant_layers(q))
+    n_split = sum(1 for layer in layers.values() if layer.split)
+    n_linear = sum(1 for layer in layers.values() if layer.org_type == "Linear")
+    export(q, tmp_path / "a")
+    monkeypatch.setattr(int8_backend, "saturating_pairs", lambda: native if forced is None else forced)
+    int8 = load_deployed(tmp_path / "a", backend="int8")
+    out = int8(x, t)                                      # called like the diffusers UNet: .sample, or a tuple
+    assert torch.equal(int8(x, t, return_dict=False)[0], out.sample)
+    with torch.no_grad():
+        assert _rel(out.sample, eps(q, x, t)) < 0.02
+    wide = {n: sum(hasattr(m, f"int_weight_lo{i}") for i in range(len(m.acts)))   # weight parts run as 2 kernels
+            for n, m in int8.net.named_modules() if isinstance(m, int8_backend.Int8Layer)}
+    assert (sum(wide.values()) > 0) == (bits == 8 and (native if forced is None else forced)), wide
+    wide_linear = sum(k for n, k in wide.items() if layers[n].org_type == "Linear")
+    kernels = next(iter(int8.kernels.values()))
+    assert n_split > 0 and kernels["int8"] == kernels["expected"] == {
+        "conv": len(layers) - n_linear + n_split + sum(wide.values()) - wide_linear, "linear": n_linear + wide_linear}
 
 
 @pytest.mark.slow
@@ -191,8 +192,10 @@ def test_int8_backend_on_a_plain_module_with_a_transposed_conv(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("timing", [False, True])
-def test_run_with_deploy_int8_samples_the_artifact_and_records_it(compose_cfg, timing):
+@pytest.mark.parametrize("timing, compiled", [(False, False), (True, True)], ids=["plain-eager", "timed-compiled"])
+def test_run_with_deploy_int8_samples_the_artifact_and_records_it(compose_cfg, timing, compiled):
+    """A plain deploy run (no timing; here with PyTorch's eager int8 ops, deploy.compile=false) and an opt-in timed one
+    (inductor-compiled int8 beside FP eager, FP compiled and the simulated model)."""
     from qdiff.run import run
 
     cfg = compose_cfg("deploy=int8", "logger=none", "model.random_init=true",
@@ -201,7 +204,7 @@ def test_run_with_deploy_int8_samples_the_artifact_and_records_it(compose_cfg, t
                       "recon.weight_iters=2", "recon.act_iters=1", "recon.batch_size=4", "recon.probe_samples=4",
                       "eval.analysis=false", "eval.grid_linear=false", "deploy.latency_repeats=2", "deploy.timing_batches=1",
                       "deploy.latency_batches=[8]",  # one shape: each further one compiles FP and int8 again (~1 min)
-                      f"deploy.timing={str(timing).lower()}")
+                      f"deploy.timing={str(timing).lower()}", f"deploy.compile={str(compiled).lower()}")
     m, objects = run(cfg)
     d = m["deploy"]
     assert d["backend"] == "int8" and 0 < d["ratio_to_fp32"] < 0.3 and d["artifact_bytes"] == m["artifact"]["artifact_bytes"]
@@ -209,7 +212,8 @@ def test_run_with_deploy_int8_samples_the_artifact_and_records_it(compose_cfg, t
         assert set(d["latency_ms"]) == {"8"} and set(d["latency_ms"]["8"]) == {"fp_eager", "fp_compiled", "simulated", "deployed"}
         assert set(d["sampling"]["seconds_per_batch"]) == {"fp_eager", "fp_compiled", "simulated", "deployed"}
     else:  # a plain deploy run samples and scores the artifact, and times nothing
-        assert "latency_ms" not in d and "sampling" not in d and d["kernels"]
+        assert "latency_ms" not in d and "sampling" not in d
+    assert bool(d["kernels"]) == compiled  # inductor's int8 kernel count, per compiled input shape
     assert {"fid", "is", "mse_vs_simulated"} <= set(d) and d["mse_vs_simulated"] < 0.05
     assert all(k["int8"] == k["expected"] for k in d["kernels"].values())
     assert m["cost"]["seconds"]["deploy"] > 0 and objects["samples"].shape[0] == 16

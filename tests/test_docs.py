@@ -84,6 +84,7 @@ def test_every_python_snippet_of_the_api_tutorial_runs(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.uses_slurm
 def test_the_orchestration_snippet_submits_a_run(tmp_path, monkeypatch):
     """Its job goes to SLURM when sbatch is on PATH (then the cluster must answer), else to a local process."""
     if shutil.which("sbatch"):

@@ -27,6 +27,8 @@ def test_tiny_cli_run_writes_its_own_outputs(tmp_path, cli):
 
     samples = load_file(str(run / "samples.safetensors"))["samples"]
     assert samples.shape == (32, 1, 16, 16) and samples.dtype == torch.uint8
+    feats = load_file(str(run / "eval_features.safetensors"))   # what qdiff.report pairs runs with
+    assert feats["features.samples"].shape[0] == 32 and {"real.mu", "real.sigma"} <= set(feats)
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
     assert "FID" in r.stdout and str(run) in r.stdout
 

@@ -11,6 +11,7 @@ share with its interval, and the lowest interval bound — the form of the per-s
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
@@ -22,13 +23,21 @@ N_BOOT, BOOT_SEED = 200, 0
 
 
 def load_features(run_dir: str | Path) -> dict | None:
-    """(samples' features, FP reference's features, real statistics) of one run, or None when it saved none."""
-    from qdiff.io import load_state_dict_file
-
-    f = Path(run_dir) / FEATURES_FILE
+    """(samples' features, FP reference's features, real statistics) of one run, or None when it saved none.
+    A report pairs each linear run with every method of its bits and seed: the file is read once while it is
+    unchanged (cached by path, size and modification time; the result is shared, treat it as read-only)."""
+    f = Path(run_dir).resolve() / FEATURES_FILE
     if not f.is_file():
         return None
-    t = load_state_dict_file(f)
+    st = f.stat()
+    return _read_features(str(f), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=16)  # a grid has one linear run per bits and seed; each file is ~8 MB at 512 samples
+def _read_features(path: str, size: int, mtime_ns: int) -> dict | None:
+    from qdiff.io import load_state_dict_file
+
+    t = load_state_dict_file(path)
     if "features.samples" not in t or "real.mu" not in t:
         return None
     return {"samples": t["features.samples"], "fp": t.get("features.fp"),
