@@ -282,6 +282,31 @@ def test_report_computes_paired_recovered_shares_per_reconstruction_from_saved_f
     assert r["recovered"] == pytest.approx(expected[0, 0]["recovered"], abs=1e-4) and pd.isna(r["rec_lo"])
 
 
+def test_report_on_one_sampling_seed_summarises_it_and_tells_runs_apart_by_recon_precision(tmp_path):
+    """One seed (no Seed axis) once crashed the per-reconstruction summary; runs that differ only in
+    recon.precision get a column that says which is which."""
+    from omegaconf import OmegaConf
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    from qdiff.report import build_report
+
+    g = torch.Generator().manual_seed(0)
+    real = fid_features_to_statistics(torch.randn(300, 8, generator=g, dtype=torch.float64).float())
+    noise = torch.randn(150, 8, generator=g)
+    fp = noise + 0.05 * torch.randn(150, 8, generator=g)
+    _fake_run(tmp_path / "linear", "linear", 0, noise * 1.6 + 0.5, fp, real)
+    for name, k in (("32-true", 1.05), ("bf16-mixed", 1.1)):
+        _fake_run(tmp_path / name, "qdiff", 0, noise * k, fp, real, recon_seed=0)
+        (tmp_path / name / ".hydra").mkdir()
+        OmegaConf.save(OmegaConf.create({"quant": {"method": "qdiff"}, "recon": {"seed": 0, "precision": name}}),
+                       tmp_path / name / ".hydra" / "config.yaml")
+    rep = build_report(tmp_path, use_sacct=False, figures=False)
+    s = rep.per_recon.set_index("recon_precision")
+    assert sorted(s.index) == ["32-true", "bf16-mixed"] and (s["seeds"] == "0").all()
+    assert s.loc["32-true", "recovered"] > s.loc["bf16-mixed", "recovered"]
+    assert "Recon precision" in (tmp_path / "report.md").read_text()
+
+
 def test_report_rows_carry_the_interval_kid_precision_recall_and_paired_error():
     from qdiff.report.rows import metric_fields
 

@@ -34,6 +34,7 @@ def config_fields(cfg: DictConfig | None) -> dict:
         "calib_n": _sel(cfg, "calib.n"), "sampler": _sel(cfg, "sampler.name"), "steps": _sel(cfg, "sampler.steps"),
         "n_samples": _sel(cfg, "eval.n_samples"), "seed": _sel(cfg, "seed"),
         "recon_seed": _sel(cfg, "recon.seed") if method == "qdiff" else None,
+        "recon_precision": _sel(cfg, "recon.precision") if method == "qdiff" else None,
         # as metrics.json writes it ('' = the paper's method), for jobs that have none yet
         "transforms": "" if fp else "+".join(transform_tags(_sel(cfg, "quant.smooth"), _sel(cfg, "quant.lowrank"),
                                                             _sel(cfg, "quant.act_time_groups"), _sel(cfg, "quant.act_bits"))),

@@ -15,12 +15,12 @@ METHOD_ORDER = {"fp": 0, "linear": 1, "qdiff": 2}
 CONTEXT = ["model", "sampler", "steps", "n_samples", "seed"]
 # Settings an ablation may vary; a column appears in the table only when it takes more than one value.
 AXES = ["model", "sampler", "steps", "n_samples", "seed", "calib_mode", "calib_c", "calib_n", "split", "transforms",
-        "recon_seed", "input_source"]
+        "recon_seed", "input_source", "recon_precision"]
 AXIS_NAMES = {"model": "Model", "sampler": "Sampler", "steps": "Steps", "n_samples": "Samples", "seed": "Seed",
               "calib_mode": "Calibration", "calib_c": "c", "calib_n": "n", "split": "Split", "transforms": "Transforms", "recon_seed": "Recon seed",
-              "input_source": "Recon inputs"}
+              "input_source": "Recon inputs", "recon_precision": "Recon precision"}
 #: Axes of the reconstruction only: a linear baseline has none, so a method's row is compared with linear across them.
-RECON_AXES = ["recon_seed", "input_source"]
+RECON_AXES = ["recon_seed", "input_source", "recon_precision"]
 NUMERIC = ["fid", "is", "is_std", "fp_fid", "fp_is", "fp_is_std", "recon_seconds", "total_seconds", "peak_rss_mb",
            "peak_gpu_mb", "resumed_steps", "step_mse_mean", "step_mse_last", "weight_bits", "act_bits", "restarts",
            "fid_lo", "fid_hi", "kid", "kid_std", "precision", "recall", "mse_vs_fp", "psnr_vs_fp"]
@@ -115,7 +115,8 @@ def paper_table(df: pd.DataFrame, root: str | Path = ".") -> pd.DataFrame:
                 METHOD_ORDER.get(r["method"], 9), _f(r["job"], -1))
 
     t = t.iloc[sorted(range(len(t)), key=lambda i: order(t.iloc[i]))]
-    cols = ["model", "method", "bits", "weight_bits", "act_bits", *[c for c in axes if c != "model"], "fid", "fid_lo",
+    seed = [] if "seed" in axes else ["seed"]  # the sampling seed, even when one: the per-reconstruction summary's key
+    cols = ["model", "method", "bits", "weight_bits", "act_bits", *[c for c in axes if c != "model"], *seed, "fid", "fid_lo",
             "fid_hi", "is", "is_std", "kid", "precision", "recall", "mse_vs_fp", "fp_fid", "fid_delta", "linear_fid", "recovered", "rec_lo", "rec_hi", "recon_seconds", "total_seconds", "peak_rss_mb", "state",
             "detail", "sweep", "job", "dir"]
     return t[cols].reset_index(drop=True)
