@@ -152,7 +152,8 @@ def _axis_value(v) -> str:
 
 def display_table(t: pd.DataFrame) -> pd.DataFrame:
     """The paper table with formatted strings (Markdown / HTML)."""
-    axes = [c for c in t.columns if c in AXES and c != "model"]
+    # the sampling seed is kept in the data for the per-reconstruction summary; shown only when it varies
+    axes = [c for c in t.columns if c in AXES and c != "model" and (c != "seed" or t[c].dropna().nunique() > 1)]
     out = pd.DataFrame({
         "Model": t["model"].fillna("?"),
         "Method": t["method"].map(lambda m: METHOD_NAMES.get(m, m or "?")),
