@@ -26,6 +26,16 @@ class DataError(QDiffError, ValueError):
     """
 
 
+def check_switches(cfg, group: str) -> None:
+    """Every field of dataclass ``cfg`` annotated ``bool`` takes only true/false (a string such as "no" would
+    read as true): one ConfigError naming ``group.field`` otherwise."""
+    import dataclasses
+
+    for f in dataclasses.fields(cfg):
+        if f.type in ("bool", bool) and not isinstance(getattr(cfg, f.name), bool):
+            raise ConfigError(f"{group}.{f.name} must be true or false, got {getattr(cfg, f.name)!r}")
+
+
 def config_from_dict(cls: type, data: dict | None, group: str):
     """Build dataclass ``cls`` from a config mapping; unknown keys give one clear error."""
     import dataclasses

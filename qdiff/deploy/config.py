@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qdiff.errors import ConfigError
+from qdiff.errors import ConfigError, check_switches
 
 #: none: no deployed sampling; otherwise the backend that runs the exported artifact (qdiff.deploy.BACKENDS).
 TARGETS = ("none", "simulated", "int8")
@@ -31,9 +31,7 @@ class DeployConfig:
     def __post_init__(self) -> None:
         if self.backend not in TARGETS:
             raise ConfigError(f"unknown deploy.backend '{self.backend}'; known: {', '.join(TARGETS)}")
-        for name in ("compile", "timing"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"deploy.{name} must be true or false, got {getattr(self, name)!r}")
+        check_switches(self, "deploy")
         if self.latency_repeats < 1 or self.timing_batches < 1:
             raise ConfigError("deploy.latency_repeats and deploy.timing_batches must be >= 1")
         if not all(isinstance(b, int) and b > 0 for b in self.latency_batches):

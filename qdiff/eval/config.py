@@ -3,16 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qdiff.errors import ConfigError
+from qdiff.errors import ConfigError, check_switches
 
 #: The digits classifier's layers a digits FID can be computed on (qdiff.models.digits.DigitsClassifier.layers).
 DIGITS_LAYERS = ("conv1_gap", "conv1_pool2", "conv2_gap", "conv2_pool2", "conv3_gap", "conv3_pool2", "pool_flat", "fc_pre",
                  "fc", "logits")
 #: The prompts of the paper's Stable Diffusion figures (Figures 9 and 10).
 PAPER_PROMPTS = ("A puppy wearing a hat.", "Cluttered house in the woods in anime oil painting style.")
-
-#: The on/off settings (a string such as "no" would read as true).
-SWITCHES = ("fid", "isc", "kid", "prc", "grid_linear", "save_samples", "save_features", "analysis", "clip_score")
 
 
 @dataclass
@@ -70,9 +67,7 @@ class EvalConfig:
     clip_model: str = "openai/clip-vit-large-patch14"
 
     def __post_init__(self) -> None:
-        for name in SWITCHES:
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"eval.{name} must be true or false, got {getattr(self, name)!r}")
+        check_switches(self, "eval")
         if self.n_samples < 2:
             raise ConfigError(f"eval.n_samples must be >= 2 (FID needs a covariance), got {self.n_samples}")
         if self.batch_size <= 0 or self.grid_size < 0 or self.analysis_batch <= 0 or self.grid_scale < 1:

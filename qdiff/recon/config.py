@@ -1,9 +1,9 @@
 """Typed reconstruction settings (the ``recon/`` config group). Defaults are the paper's (Appendix A)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
-from qdiff.errors import ConfigError, config_from_dict
+from qdiff.errors import ConfigError, check_switches, config_from_dict
 
 #: Named budgets; each equals a file of the ``recon/`` config group (tests/test_api.py composes and compares).
 #: paper: Appendix A, 20k AdaRound + 5k LSQ iterations (``recon=default``). cpu: 20x fewer iterations with
@@ -146,8 +146,6 @@ class ReconConfig:
             raise ConfigError(f"recon.capture_batch_size must be > 0, got {self.capture_batch_size}")
         if self.probe_samples <= 0:
             raise ConfigError(f"recon.probe_samples must be > 0, got {self.probe_samples}")
-        for f in fields(self):  # every switch (annotated bool) takes only true/false
-            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
-                raise ConfigError(f"recon.{f.name} must be true or false, got {getattr(self, f.name)!r}")
+        check_switches(self, "recon")
         if self.num_samples is not None and self.num_samples <= 0:
             raise ConfigError(f"recon.num_samples must be > 0 or null, got {self.num_samples}")
