@@ -54,6 +54,10 @@ def test_transforms_change_no_fp_output(cfg):
 
 
 def test_a_full_rank_branch_reproduces_fp_even_at_2_bits():
+    # Its own seed: the bound below holds for a given net with a margin (max residual / bound: 0.72-0.98 over seeds
+    # 0-11, 0.84 at seed 0), not for every random net; under xdist the RNG state a test inherits depends on which
+    # tests ran before it on its worker (one such draw gave 1.02).
+    torch.manual_seed(0)
     net = TinyUNet().eval()
     x, t = _calib()
     q = qdiff.quantize(net, QuantConfig(method="linear", weight_bits=2, act_bits=32, lowrank=10_000), (x, t), progress=False)
