@@ -88,6 +88,13 @@ def build_spec(cfg) -> RunSpec:
     deploy = config_from_dict(DeployConfig, c.get("deploy"), "deploy")
     if deploy.enabled and not quant.enabled:
         raise ConfigError(f"deploy.backend={deploy.backend} deploys a quantized model; this run is full precision (quant=fp)")
+    if deploy.backend == "int8":
+        from qdiff.deploy.int8 import refused_settings
+
+        refused = refused_settings(quant)
+        if refused:
+            raise ConfigError(f"deploy.backend=int8 cannot run {refused[0]}; use deploy.backend=simulated (checked before "
+                              "any work)")
     return RunSpec(
         model=model,
         sampler=sampler,

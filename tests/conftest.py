@@ -37,6 +37,21 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global RNG state (torch, numpy, random), whatever ran before it on its
+    worker: under xdist the order of tests on a worker varies, and a test that draws unseeded random tensors would
+    otherwise see different values from run to run."""
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _cpu_threads():
     """This worker's share of the cores (two threads at most), restored afterwards."""
     n = torch.get_num_threads()

@@ -149,14 +149,20 @@ def test_cli_non_checkpoint_source_is_one_line(tmp_path, cli):
     assert "weights_only" not in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("variant, tags", [("linear", []), ("qdiff", []), ("smooth", ["smooth0.5"]), ("lowrank", ["lr8"]),
-                                           ("timegroups", ["tg4"])])
-def test_lowbit_variants_compose_and_say_which_pieces_they_use(variant, tags, compose_cfg):
+LOWBIT_TAGS = {"linear": [], "qdiff": [], "smooth": ["smooth0.5"], "lowrank": ["lr8"], "timegroups": ["tg4"],
+               "groupwise": ["wg16"], "dynamic": ["dyn"]}
+
+
+@pytest.mark.parametrize("variant", [*LOWBIT_TAGS, *(f"linear_{k}" for k in LOWBIT_TAGS if k not in ("linear", "qdiff"))])
+def test_lowbit_variants_compose_and_say_which_pieces_they_use(variant, compose_cfg):
     from qdiff.report.rows import config_fields
 
+    assert sorted(p.stem for p in (CONF / "lowbit").glob("*.yaml")) == sorted(
+        [*LOWBIT_TAGS, *(f"linear_{k}" for k in LOWBIT_TAGS if k not in ("linear", "qdiff"))])   # every file is tested
+    tags = LOWBIT_TAGS[variant.removeprefix("linear_")]
     cfg = compose_cfg("experiment=lowbit_digits", f"+lowbit={variant}")
     spec = build_spec(cfg)
-    assert spec.quant.method == ("linear" if variant == "linear" else "qdiff") and spec.quant.transforms == tags
+    assert spec.quant.method == ("linear" if variant.startswith("linear") else "qdiff") and spec.quant.transforms == tags
     assert config_fields(cfg)["transforms"] == "+".join(tags)     # the report's column for a job without metrics
 
 

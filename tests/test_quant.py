@@ -35,7 +35,8 @@ def test_more_bits_means_less_error_and_mse_search_beats_minmax_on_outliers():
 
 
 def test_channel_wise_and_per_tensor_shapes():
-    w = torch.randn(6, 3, 3, 3) * torch.arange(1, 7).view(6, 1, 1, 1)
+    # channel k is (k + 1) times one shared random filter, so the Lp-optimal steps grow with k whatever the draw
+    w = torch.randn(1, 3, 3, 3, generator=torch.Generator().manual_seed(0)) * torch.arange(1, 7).view(6, 1, 1, 1)
     cw = UniformQuantizer(4, channel_axis=0).init_from(w, "mse")
     pt = UniformQuantizer(4).init_from(w, "minmax")
     assert cw.scale.shape == (6, 1, 1, 1) and cw.zero_point.shape == (6, 1, 1, 1)

@@ -92,7 +92,7 @@ def build_network(arch: dict, device: str | torch.device = "meta") -> nn.Module:
 
 #: Columns of a row of the layer table (one row per quantized layer, in module order).
 LAYER_FIELDS = ["name", "type", "weight_shape", "weight_bits", "act_bits", "split", "dtype", "bias", "act_init", "smooth",
-                "rank", "time_groups"]
+                "rank", "time_groups", "weight_group", "act_dynamic"]
 
 
 class _Blobs:
@@ -131,10 +131,14 @@ def _layer_entries(row: dict) -> list[list]:
     quantized = row["weight_bits"] < 16
     groups = int(row.get("time_groups", 1))
     act = [groups] if groups > 1 else []
+    wgroup = int(row.get("weight_group", 0))  # artifacts written before group-wise scales have no such column
+    split = int(row["split"])
+    parts = [split, shape[1] - split] if split else [shape[1]]
     entries = [[f"{name}.codes", "codes", shape, row["weight_bits"]] if quantized else [f"{name}.weight", dtype, shape]]
     for i, act_init in enumerate(row["act_init"]):
-        if quantized:
-            entries += [[f"{name}.wq.{i}.scale", dtype, channel], [f"{name}.wq.{i}.zero_point", "uint8", channel, dtype]]
+        if quantized:  # one step size per output channel, or per output channel and group of input channels: [O*I/G, 1]
+            scales = [shape[0] * parts[i] // wgroup, 1] if wgroup else channel
+            entries += [[f"{name}.wq.{i}.scale", dtype, scales], [f"{name}.wq.{i}.zero_point", "uint8", scales, dtype]]
         if act_init:
             entries += [[f"{name}.aq.{i}.scale", dtype, act], [f"{name}.aq.{i}.zero_point", "uint8", act, dtype]]
             if groups > 1:
@@ -169,9 +173,11 @@ def export(qmodel: nn.Module, path: str | Path, init_kwargs: dict | None = None,
         row = {"name": name, "type": layer.org_type, "weight_shape": list(layer.weight.shape),
                "weight_bits": layer.weight_bits if layer.quantizes_weight else 32, "act_bits": layer.act_bits,
                "split": layer.split, "dtype": str(layer.weight.dtype).removeprefix("torch."), "bias": layer.bias is not None,
-               "act_init": [int(q.bits < 16 and bool(q.initialized)) for q in layer.aq],
+               # per-token dynamic quantizers have no calibrated state to store (act_dynamic rebuilds them)
+               "act_init": [int(q.bits < 16 and bool(q.initialized) and not q.dynamic) for q in layer.aq],
                "smooth": layer.smooth is not None, "rank": layer.rank,
-               "time_groups": getattr(layer.aq[0], "groups", 1)}
+               "time_groups": getattr(layer.aq[0], "groups", 1), "weight_group": layer.weight_group,
+               "act_dynamic": bool(layer.aq[0].dynamic)}
         own = layer.state_dict()
         for entry in _layer_entries(row):
             tensor = layer.weight_codes() if entry[1] == "codes" else own[entry[0][len(name) + 1:]]
@@ -267,7 +273,8 @@ class Artifact:
         self.quant = config_from_dict(QuantConfig, self.meta["quant"], "quant")
         self.rows = [dict(zip(self.meta["layer_fields"], r)) for r in self.meta["layers"]]
         self.specs = [LayerSpec(r["name"], r["type"], r["weight_shape"], r["weight_bits"], r["act_bits"], r["split"],
-                                bool(r.get("smooth", False)), int(r.get("rank", 0)), int(r.get("time_groups", 1)))
+                                bool(r.get("smooth", False)), int(r.get("rank", 0)), int(r.get("time_groups", 1)),
+                                int(r.get("weight_group", 0)), bool(r.get("act_dynamic", False)))
                       for r in self.rows]
         self.tensors = self._unblob(load_state_dict_file(tensors_file))
 

@@ -57,6 +57,19 @@ class DeployedUNetOutput(BaseOutput):
 PAIR_SAFE = 64
 
 
+def refused_settings(quant) -> list[str]:
+    """The settings of a QuantConfig whose arithmetic these int8 patterns cannot express (each layer refuses them
+    again when lowered; a run checks them before any work)."""
+    out = []
+    if quant.act_time_groups > 1 and quant.act_bits < 16:
+        out.append(f"timestep-aware activation step sizes (quant.act_time_groups={quant.act_time_groups})")
+    if quant.weight_group_size and quant.weight_bits < 16:
+        out.append(f"group-wise weight scales (quant.weight_group_size={quant.weight_group_size})")
+    if quant.act_dynamic and quant.act_bits < 16:
+        out.append("per-token dynamic activation scales (quant.act_dynamic=true)")
+    return out
+
+
 def saturating_pairs() -> bool:
     """Whether this CPU's int8 kernels sum products pairwise in saturating int16 (no AVX-512 VNNI, no AMX)."""
     cpu = getattr(torch, "cpu", None)
@@ -104,6 +117,14 @@ class Int8Layer(nn.Module):
             self._zero_insert_conv(codes.shape[2:])
             codes, weight = (w.transpose(0, 1).flip(2, 3).contiguous() for w in (codes, weight))
             out_axis = 0
+        if layer.weight_group:
+            raise ConfigError("int8 backend: group-wise weight scales (quant.weight_group_size) need one step size per "
+                              "group of input channels, which oneDNN's per-channel int8 kernels cannot apply; use "
+                              "backend='simulated'")
+        if any(q.dynamic and q.active for q in layer.aq):
+            raise ConfigError("int8 backend: per-token dynamic activation scales (quant.act_dynamic) compute a step size "
+                              "per token at run time, which the per-tensor int8 patterns inductor lowers cannot "
+                              "express; use backend='simulated'")
         sizes = [codes.shape[1]] if not self.split else [self.split, codes.shape[1] - self.split]
         self.acts = []
         for i, (c, w) in enumerate(zip(codes.split(sizes, 1), weight.split(sizes, 1))):

@@ -42,7 +42,7 @@ def init_act_quantizers(model: nn.Module, calib, method: str, p: float = 2.4,
                         num_samples: int = 256, batch_size: int = 32, seed: int = 0, max_values: int = 65536,
                         device: torch.device | str = "cpu", progress: bool = True) -> dict[str, tuple[float, float]]:
     """Set every activation quantizer's range from ``num_samples`` calibration inputs; returns the ranges."""
-    qs = act_quantizers(model)
+    qs = act_quantizers(model, calibrated=True)
     if not qs:
         return {}
     rng = np.random.default_rng(seed)

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from qdiff.quant.quantizer import UniformQuantizer
+from qdiff.quant.quantizer import UniformQuantizer, group_view
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -26,9 +26,11 @@ class AdaRoundQuantizer(nn.Module):
         self.bits = base.bits
         self.symmetric = base.symmetric
         self.channel_axis = base.channel_axis
+        self.group_size = base.group_size
         self.register_buffer("scale", base.scale.detach().clone())
         self.register_buffer("zero_point", base.zero_point.detach().clone())
-        rest = weight.detach() / self.scale - torch.floor(weight.detach() / self.scale)
+        w = base.grouped(weight.detach())  # the rows the step sizes apply to (group-wise scales), else the weight
+        rest = w / self.scale - torch.floor(w / self.scale)
         # h(V) == rest at start: the soft quantizer reproduces the FP weight inside the clipping range.
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         self.soft = True
@@ -62,14 +64,15 @@ class AdaRoundQuantizer(nn.Module):
         key = (w.data_ptr(), tuple(w.shape), w._version, w.device, self.scale.data_ptr(), self.zero_point.data_ptr())
         if self._floor_key != key:
             with torch.no_grad():
-                self._floor = torch.floor(w / self.scale) + self.zero_point
+                g = group_view(w, self.group_size) if self.group_size else w
+                self._floor = torch.floor(g / self.scale) + self.zero_point
             self._floor_key = key
         return self._floor
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         offset = self._current_h() if self.soft else (self.alpha >= 0).to(w.dtype)
-        q = torch.clamp(self._floor_plus_zp(w) + offset, 0, self.levels)
-        return (q - self.zero_point) * self.scale
+        q = torch.clamp(self._floor_plus_zp(w) + offset, 0, self.levels)  # on the grouped rows (group-wise scales)
+        return ((q - self.zero_point) * self.scale).reshape(w.shape)
 
     def round_loss(self, b: float) -> torch.Tensor:
         return (1 - (2 * self._current_h() - 1).abs().pow(b)).sum()
@@ -93,6 +96,6 @@ class AdaRoundQuantizer(nn.Module):
     @torch.no_grad()
     def to_uniform(self) -> UniformQuantizer:
         """A uniform quantizer with the same scale/zero point (used after folding the hard rounding into the weight)."""
-        q = UniformQuantizer(self.bits, self.symmetric, self.channel_axis)
+        q = UniformQuantizer(self.bits, self.symmetric, self.channel_axis, group_size=self.group_size)
         q.set_params(self.scale, self.zero_point)
         return q.to(self.scale.device)

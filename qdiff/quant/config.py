@@ -13,14 +13,19 @@ OFF_BITS = (16, 32)
 SCALE_METHODS = ("minmax", "mse")
 
 
-def transform_tags(smooth: float | None, lowrank: int | None, act_time_groups: int | None, act_bits: int) -> list[str]:
-    """Short tags of the transforms added to the paper's method (``QuantConfig.transforms``; the report reads a job's
-    config with it): e.g. ['smooth0.5', 'lr8', 'tg4']; empty for the paper's method."""
+def transform_tags(smooth: float | None, lowrank: int | None, act_time_groups: int | None, act_bits: int,
+                   weight_group_size: int | None = 0, act_dynamic: bool | None = False, weight_bits: int = 4) -> list[str]:
+    """Short tags of the methods added to the paper's (``QuantConfig.transforms``; the report reads a job's config
+    with it): e.g. ['smooth0.5', 'lr8', 'tg4', 'wg32', 'dyn']; empty for the paper's method."""
     out = [f"smooth{float(smooth):g}"] if smooth is not None else []
     if lowrank:
         out.append(f"lr{int(lowrank)}")
     if act_time_groups and int(act_time_groups) > 1 and act_bits not in OFF_BITS:
         out.append(f"tg{int(act_time_groups)}")
+    if weight_group_size and weight_bits not in OFF_BITS:
+        out.append(f"wg{int(weight_group_size)}")
+    if act_dynamic and act_bits not in OFF_BITS:
+        out.append("dyn")
     return out
 
 
@@ -102,6 +107,15 @@ class QuantConfig:
     #: groups of equal count, one step size and zero point per group in every layer-input quantizer (attention
     #: matmuls keep one). 1 = one for all timesteps (the paper). The int8 backend cannot run them (per-sample scales).
     act_time_groups: int = 1
+    #: Group-wise weight scales: one step size per output channel and group of this many input channels (of
+    #: Linear/Conv1d/Conv2d layers whose input channels, per split part, are a multiple of it and more than it;
+    #: the others keep one per output channel). 0 = one per output channel (the paper). The int8 backend cannot run them.
+    weight_group_size: int = 0
+    #: Per-token dynamic activation scales: every token (a Linear input's row, a conv input's pixel) of every
+    #: layer input is quantized with its own min/max at run time; nothing is calibrated or learned for layer inputs
+    #: (attention matmuls keep their static step size). False = one calibrated step size per tensor (the paper).
+    #: The int8 backend cannot run them.
+    act_dynamic: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -121,6 +135,16 @@ class QuantConfig:
             raise ConfigError(f"quant.lowrank must be a rank >= 0 (0 = off), got {self.lowrank!r}")
         if isinstance(self.act_time_groups, bool) or not isinstance(self.act_time_groups, int) or self.act_time_groups < 1:
             raise ConfigError(f"quant.act_time_groups must be an integer >= 1 (1 = off), got {self.act_time_groups!r}")
+        self.weight_group_size = 0 if self.weight_group_size is None else self.weight_group_size
+        if (isinstance(self.weight_group_size, bool) or not isinstance(self.weight_group_size, int)
+                or self.weight_group_size < 0):
+            raise ConfigError(f"quant.weight_group_size must be an integer >= 0 (0 = one scale per output channel), "
+                              f"got {self.weight_group_size!r}")
+        if not isinstance(self.act_dynamic, bool):
+            raise ConfigError(f"quant.act_dynamic must be true or false, got {self.act_dynamic!r}")
+        if self.act_dynamic and self.act_time_groups > 1:
+            raise ConfigError("quant.act_dynamic=true computes every token's step size at run time; it does not combine "
+                              f"with timestep groups of calibrated step sizes (quant.act_time_groups={self.act_time_groups})")
         if self.scale_method is not None and self.scale_method not in SCALE_METHODS:
             raise ConfigError(f"quant.scale_method must be one of {SCALE_METHODS} or null, got '{self.scale_method}'")
         if not self.lp > 0:
@@ -130,6 +154,7 @@ class QuantConfig:
         if self.method == "fp":  # FP is W32A32 whatever bits the composed config carried
             self.weight_bits, self.act_bits, self.attn_bits, self.first_last_bits, self.cond_bits = 32, 32, None, None, None
             self.smooth, self.lowrank, self.act_time_groups = None, 0, 1
+            self.weight_group_size, self.act_dynamic = 0, False
         if not isinstance(self.split_layers, dict) or not all(
                 isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0 for k, v in self.split_layers.items()):
             raise ConfigError(f"quant.split_layers must map layer names to a positive channel count, got {self.split_layers!r}")
@@ -158,7 +183,8 @@ class QuantConfig:
     @property
     def transforms(self) -> list[str]:
         """The methods added to the paper's, as short tags (empty for the paper's method): e.g. ['smooth0.5', 'lr16']."""
-        return transform_tags(self.smooth, self.lowrank, self.act_time_groups, self.act_bits)
+        return transform_tags(self.smooth, self.lowrank, self.act_time_groups, self.act_bits, self.weight_group_size,
+                              self.act_dynamic, self.weight_bits)
 
     @property
     def label(self) -> str:

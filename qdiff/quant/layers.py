@@ -15,7 +15,7 @@ from torch import nn
 
 from qdiff.quant.adaround import AdaRoundQuantizer
 from qdiff.quant.config import quant_label
-from qdiff.quant.quantizer import UniformQuantizer, fake_quant_, needs_no_grad
+from qdiff.quant.quantizer import DynamicTokenQuantizer, UniformQuantizer, fake_quant_, needs_no_grad
 
 #: Module classes that have a quantized wrapper: class -> functional forward(x, w, b, **kw).
 LAYER_REGISTRY: dict[type, Callable] = {}
@@ -67,7 +67,7 @@ class QuantLayer(nn.Module):
 
     def __init__(self, org: nn.Module, weight_bits: int, act_bits: int, weight_symmetric: bool = False,
                  act_symmetric: bool = False, split: int = 0, smooth: bool = False, rank: int = 0,
-                 time_groups: int = 1) -> None:
+                 time_groups: int = 1, weight_group: int = 0, act_dynamic: bool = False) -> None:
         super().__init__()
         self.org_type = type(org).__name__
         self.fn = LAYER_REGISTRY[type(org)]
@@ -82,8 +82,15 @@ class QuantLayer(nn.Module):
             raise ValueError(f"bad split {split} for {self.org_type} with {in_ch} input channels")
         self.split = int(split)
         n = 2 if self.split else 1
-        self.wq = nn.ModuleList(UniformQuantizer(weight_bits, weight_symmetric, self.out_axis) for _ in range(n))
-        if time_groups > 1 and act_bits < 16:
+        if weight_group and (transposed or self.fwd_kwargs.get("groups", 1) != 1):
+            raise ValueError(f"group-wise weight scales: not for {self.org_type} with groups != 1 or transposed")
+        self.weight_group = int(weight_group)
+        self.wq = nn.ModuleList(UniformQuantizer(weight_bits, weight_symmetric, self.out_axis, group_size=self.weight_group)
+                                for _ in range(n))
+        if act_dynamic and act_bits < 16:
+            self.aq = nn.ModuleList(DynamicTokenQuantizer(act_bits, act_symmetric, -1 if self.org_type == "Linear" else 1)
+                                    for _ in range(n))
+        elif time_groups > 1 and act_bits < 16:
             from qdiff.quant.timegroups import TimestepQuantizer
 
             self.aq = nn.ModuleList(TimestepQuantizer(act_bits, act_symmetric, time_groups) for _ in range(n))
@@ -108,6 +115,8 @@ class QuantLayer(nn.Module):
 
     def extra_repr(self) -> str:
         extra = (", smooth" if self.smooth is not None else "") + (f", rank={self.rank}" if self.rank else "")
+        extra += (f", weight_group={self.weight_group}" if self.weight_group else "")
+        extra += (", act_dynamic" if self.aq[0].dynamic else "")
         return f"{self.org_type}, {quant_label(self.weight_bits, self.act_bits)}, split={self.split}{extra}"
 
     # --- weights --------------------------------------------------------------------------------
@@ -151,8 +160,8 @@ class QuantLayer(nn.Module):
         if not (_hooked(a) or _hooked(b)):  # fast paths skip the quantizer modules' calls, so only without hooks
             if not a.active and not b.active:
                 return x
-            if (a.active and b.active and a.scale.dim() == 0 and b.scale.dim() == 0 and needs_no_grad(x, a.scale)
-                    and needs_no_grad(x, b.scale)):
+            if (a.active and b.active and not (a.dynamic or b.dynamic) and a.scale.dim() == 0 and b.scale.dim() == 0
+                    and needs_no_grad(x, a.scale) and needs_no_grad(x, b.scale)):
                 # Inference: both halves quantized straight into one output (no concatenation copy); same values.
                 out = torch.empty_like(x)
                 for q, sl in ((a, slice(None, self.split)), (b, slice(self.split, None))):
@@ -211,5 +220,5 @@ class QuantLayer(nn.Module):
         code_parts = [codes] if not self.split else [codes.narrow(self.in_axis, 0, self.split),
                                                      codes.narrow(self.in_axis, self.split, codes.shape[self.in_axis] - self.split)]
         for q, w, c in zip(self.wq, parts, code_parts):
-            w.copy_((c.to(w.dtype) - q.zero_point) * q.scale)
+            w.copy_(((q.grouped(c.to(w.dtype)) - q.zero_point) * q.scale).reshape(w.shape))
         self._cache = None

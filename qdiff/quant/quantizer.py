@@ -2,8 +2,9 @@
 
     x_hat = s * (clip(round(x / s) + z, 0, 2^b - 1) - z)
 
-Scales are per output channel (``channel_axis=0``, weights) or per tensor (``channel_axis=None``,
-activations). Rounding uses a straight-through estimator, so gradients reach the input and, when the
+Scales are per output channel (``channel_axis=0``, weights), per output channel and group of ``group_size``
+input channels (``group_size > 0``, group-wise weights), per tensor (``channel_axis=None``, activations) or per
+token, computed from each token's own range at run time (:class:`DynamicTokenQuantizer`). Rounding uses a straight-through estimator, so gradients reach the input and, when the
 scale is learnable (LSQ, Esser et al. 2020), the step size.
 """
 from __future__ import annotations
@@ -162,12 +163,20 @@ class UniformQuantizer(nn.Module):
     (or loading a state) raises :class:`NotInitializedError`; an optional one is the identity until then.
     """
 
+    #: Whether the step size is computed from each input at run time (no calibrated state; see DynamicTokenQuantizer).
+    dynamic = False
+
     def __init__(self, bits: int, symmetric: bool = False, channel_axis: int | None = None,
-                 learnable_scale: bool = False, required: bool = True) -> None:
+                 learnable_scale: bool = False, required: bool = True, group_size: int = 0) -> None:
         super().__init__()
         self.bits = bits
         self.symmetric = symmetric
         self.channel_axis = channel_axis
+        if group_size and channel_axis != 0:
+            raise ValueError("group-wise scales need channel_axis=0 (a weight's output channels)")
+        #: Input channels per scale (group-wise weights): a weight [O, I, *k] has one step size per output channel and
+        #: group of ``group_size`` input channels, i.e. per row of its view [O * I / G, G * prod(k)]; 0 = per channel.
+        self.group_size = int(group_size)
         #: Runtime switch, only turned off for the duration of a ``with`` (see ``qdiff.quant.wrap.activations_fp``).
         self.enabled = True
         #: Required quantizers (weights) refuse to run before their init; optional ones (activations) pass their
@@ -182,6 +191,7 @@ class UniformQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         axis = "per-tensor" if self.channel_axis is None else f"channel_axis={self.channel_axis}"
+        axis += f", group_size={self.group_size}" if self.group_size else ""
         return f"bits={self.bits}, symmetric={self.symmetric}, {axis}, active={self.active}"
 
     @property
@@ -201,9 +211,13 @@ class UniformQuantizer(nn.Module):
                   x_min: torch.Tensor | None = None, x_max: torch.Tensor | None = None) -> "UniformQuantizer":
         """Set the step size and zero point from data ``x`` (weights, or sampled activations)."""
         if self.bits < 16:
-            s, z = search_range(x, self.bits, self.symmetric, self.channel_axis, method, p, x_min, x_max)
+            s, z = search_range(self.grouped(x), self.bits, self.symmetric, self.channel_axis, method, p, x_min, x_max)
             self.set_params(s, z)
         return self
+
+    def grouped(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` as the rows its step sizes apply to: [O * I / G, G * prod(k)] for group-wise scales, else ``w``."""
+        return w if not self.group_size else group_view(w, self.group_size)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Scale and zero point change shape at init (per channel); adopt the stored shapes.
@@ -220,7 +234,8 @@ class UniformQuantizer(nn.Module):
 
     def integer(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes in [0, 2^b - 1] (what a deployed kernel stores)."""
-        return torch.clamp(torch.round(x / self.scale) + self.zero_point, 0, self.levels)
+        g = self.grouped(x)
+        return torch.clamp(torch.round(g / self.scale) + self.zero_point, 0, self.levels).reshape(x.shape)
 
     @property
     def active(self) -> bool:
@@ -232,4 +247,62 @@ class UniformQuantizer(nn.Module):
             return x
         if not self._ready:
             raise NotInitializedError("quantizer used before initialisation (call init_from or load a quantized state)")
+        if self.group_size:
+            return fake_quant(self.grouped(x), self.scale, self.zero_point, self.bits).reshape(x.shape)
         return fake_quant(x, self.scale, self.zero_point, self.bits)
+
+
+def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """A weight [O, I, *k] as [O * I / G, G * prod(k)]: row (o, g) holds output channel o's weights on input channels
+    [g G, (g + 1) G) (a view of a contiguous weight)."""
+    if w.dim() < 2 or w.shape[1] % group_size:
+        raise ValueError(f"group-wise scales: {w.shape[1] if w.dim() > 1 else 0} input channels are not a multiple of "
+                         f"the group size {group_size}")
+    return w.reshape(w.shape[0] * (w.shape[1] // group_size), -1)
+
+
+class DynamicTokenQuantizer(UniformQuantizer):
+    """Per-token dynamic activation quantizer: every token's step size and zero point come from that token's own
+    min/max at run time (LLM.int8 / ViDiT-Q / Q-DiT style), so nothing is calibrated or learned.
+
+    A token is one position's channel vector: a row over the last axis of a Linear's input, one (sample, pixel)
+    over axis 1 of a conv's. Gradients pass to the input straight through (the step sizes are not trained). The
+integers a deployed kernel would see are not stored: they exist only at run time.
+    """
+
+    dynamic = True
+
+    def __init__(self, bits: int, symmetric: bool = False, token_axis: int = -1) -> None:
+        super().__init__(bits, symmetric, None, learnable_scale=False, required=False)
+        #: The channel axis each token spans (its min/max is taken over it): -1 for a Linear's input, 1 for a conv's.
+        self.token_axis = int(token_axis)
+        self.initialized.fill_(True)
+        self._ready = True
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, symmetric={self.symmetric}, per-token dynamic over axis {self.token_axis}, active={self.active}"
+
+    def init_from(self, x, method="minmax", p=2.4, x_min=None, x_max=None) -> "DynamicTokenQuantizer":
+        return self  # nothing to calibrate
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ready = True  # ready without any stored state
+
+    def token_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero point) of every token of ``x``, broadcastable against it."""
+        with torch.no_grad():
+            xf = x.detach().float() if x.dtype not in (torch.float32, torch.float64) else x.detach()
+            s, z = scale_zero_point(xf.amin(self.token_axis, keepdim=True), xf.amax(self.token_axis, keepdim=True),
+                                    self.bits, self.symmetric)
+        return s.to(x.dtype), z.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return x
+        s, z = self.token_params(x)
+        if needs_no_grad(x, s):
+            return fake_quant_(x / s, s, z, self.levels)
+        # every token's range is its own min/max, so nothing is clipped: the gradient is the identity everywhere
+        # (the clipped-STE's strict inside test would drop it at each token's two end values)
+        return x + (fake_quant_(x.detach() / s, s, z, self.levels) - x).detach()

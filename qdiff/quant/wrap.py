@@ -36,6 +36,10 @@ class LayerSpec:
     rank: int = 0
     #: Timestep groups of this layer's activation step sizes (QuantConfig.act_time_groups); 1 = one for all.
     time_groups: int = 1
+    #: Input channels per weight step size (QuantConfig.weight_group_size) where this layer takes it; 0 = per channel.
+    weight_group: int = 0
+    #: Per-token dynamic step sizes of this layer's inputs (QuantConfig.act_dynamic).
+    act_dynamic: bool = False
 
 
 #: Modules whose linears compute the conditioning rather than the features: timestep / class / text embeddings and
@@ -94,8 +98,19 @@ def resolve_layer_specs(model: nn.Module, cfg: QuantConfig, splits: dict[str, in
         fan_in = m.weight[0].numel()
         rank = min(cfg.lowrank, m.weight.shape[0], fan_in) if transformable and wb not in OFF_BITS else 0
         groups = cfg.act_time_groups if ab not in OFF_BITS else 1
-        specs.append(LayerSpec(name, type(m).__name__, list(m.weight.shape), wb, ab, split, smooth, rank, groups))
+        wgroup = weight_group(cfg.weight_group_size, m.weight.shape[1], split) if transformable and wb not in OFF_BITS else 0
+        dynamic = bool(cfg.act_dynamic) and ab not in OFF_BITS
+        specs.append(LayerSpec(name, type(m).__name__, list(m.weight.shape), wb, ab, split, smooth, rank, groups, wgroup,
+                               dynamic))
     return specs
+
+
+def weight_group(group_size: int, in_channels: int, split: int) -> int:
+    """The group size a layer with ``in_channels`` inputs (split at ``split``) takes: ``group_size`` when every part's
+    input channels are a multiple of it and more than it, else 0 (one step size per output channel)."""
+    parts = [split, in_channels - split] if split else [in_channels]
+    ok = group_size and all(p % group_size == 0 and p > group_size for p in parts)
+    return int(group_size) if ok else 0
 
 
 def wrap_model(model: nn.Module, cfg: QuantConfig, specs: list[LayerSpec]) -> nn.Module:
@@ -108,7 +123,7 @@ def wrap_model(model: nn.Module, cfg: QuantConfig, specs: list[LayerSpec]) -> nn
             found = "missing" if org is None else f"{type(org).__name__}{tuple(org.weight.shape)}"
             raise ValueError(f"layer '{s.name}' does not match the model (expected {s.type}{tuple(s.weight_shape)}, found {found})")
         layer = QuantLayer(org, s.weight_bits, s.act_bits, cfg.weight_symmetric, cfg.act_symmetric, s.split, s.smooth, s.rank,
-                           s.time_groups)
+                           s.time_groups, s.weight_group, s.act_dynamic)
         q.set_submodule(s.name, layer.to(org.weight.device))
     if any(s.time_groups > 1 for s in specs):
         from qdiff.quant.timegroups import install_timestep_hook
@@ -126,8 +141,11 @@ def quant_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
 
 
-def act_quantizers(model: nn.Module) -> list[tuple[str, UniformQuantizer]]:
-    """Every activation quantizer (layer inputs and attention matmuls) that will quantize."""
+def act_quantizers(model: nn.Module, calibrated: bool = False) -> list[tuple[str, UniformQuantizer]]:
+    """Every activation quantizer (layer inputs and attention matmuls) that will quantize; ``calibrated=True``: only
+    those with a step size set from data (not the per-token dynamic ones, which compute theirs at run time)."""
+    if calibrated:
+        return [(n, q) for n, q in act_quantizers(model) if not q.dynamic]
     out = []
     for n, m in model.named_modules():
         if isinstance(m, QuantLayer):

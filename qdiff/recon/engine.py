@@ -91,7 +91,7 @@ def plan(ctx: Context, units: list[Unit], order: list[str], act_init_samples: in
     if ctx.qcfg.quantizes_weights and cfg.weight_iters > 0:
         for u in units:
             steps.append(WeightRounding(u, seed("weights")))
-    if act_quantizers(ctx.q_model):
+    if act_quantizers(ctx.q_model, calibrated=True):
         steps.append(ActRangeInit(act_init_samples))
         if cfg.act_iters > 0:
             for u in units:

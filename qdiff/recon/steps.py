@@ -195,7 +195,7 @@ class ActStepSize(_UnitStep):
 
     def begin(self, ctx: Context) -> tuple[list[nn.Parameter], list]:
         name = self.unit.name
-        return [q.scale for n, q in act_quantizers(ctx.q_model)
+        return [q.scale for n, q in act_quantizers(ctx.q_model, calibrated=True)
                 if (n.startswith(name + ".") or n.startswith(name + ".aq")) and q.active], []
 
 
@@ -216,14 +216,14 @@ class ActRangeInit:
         return StepReport(self.name, "", "all", 0, optimize_seconds=round(time.perf_counter() - t, 2))
 
     def state(self, ctx: Context) -> dict[str, torch.Tensor]:
-        return {f"{n}.{k}": v for n, q in act_quantizers(ctx.q_model) for k, v in q.state_dict().items()}
+        return {f"{n}.{k}": v for n, q in act_quantizers(ctx.q_model, calibrated=True) for k, v in q.state_dict().items()}
 
     def restore(self, ctx: Context, state: dict[str, torch.Tensor]) -> None:
         per_quantizer: dict[str, dict] = {}
         for k, v in state.items():
             name, attr = k.rsplit(".", 1)
             per_quantizer.setdefault(name, {})[attr] = v
-        by_name = dict(act_quantizers(ctx.q_model))
+        by_name = dict(act_quantizers(ctx.q_model, calibrated=True))
         for name, sd in per_quantizer.items():
             by_name[name].load_state_dict(sd)
 

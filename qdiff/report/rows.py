@@ -37,7 +37,9 @@ def config_fields(cfg: DictConfig | None) -> dict:
         "recon_precision": _sel(cfg, "recon.precision") if method == "qdiff" else None,
         # as metrics.json writes it ('' = the paper's method), for jobs that have none yet
         "transforms": "" if fp else "+".join(transform_tags(_sel(cfg, "quant.smooth"), _sel(cfg, "quant.lowrank"),
-                                                            _sel(cfg, "quant.act_time_groups"), _sel(cfg, "quant.act_bits"))),
+                                                            _sel(cfg, "quant.act_time_groups"), _sel(cfg, "quant.act_bits"),
+                                                            _sel(cfg, "quant.weight_group_size"), _sel(cfg, "quant.act_dynamic"),
+                                                            _sel(cfg, "quant.weight_bits"))),
     }
 
 
