@@ -150,15 +150,16 @@ def test_cli_non_checkpoint_source_is_one_line(tmp_path, cli):
 
 
 LOWBIT_TAGS = {"linear": [], "qdiff": [], "smooth": ["smooth0.5"], "lowrank": ["lr8"], "timegroups": ["tg4"],
-               "groupwise": ["wg16"], "dynamic": ["dyn"]}
+               "groupwise": ["wg16"], "dynamic": ["dyn"], "smooth_lowrank": ["smooth0.5", "lr8"]}
+SINGLE = [k for k in LOWBIT_TAGS if len(LOWBIT_TAGS[k]) == 1]   # round-to-nearest + each method alone: linear_<name>
 
 
-@pytest.mark.parametrize("variant", [*LOWBIT_TAGS, *(f"linear_{k}" for k in LOWBIT_TAGS if k not in ("linear", "qdiff"))])
+@pytest.mark.parametrize("variant", [*LOWBIT_TAGS, *(f"linear_{k}" for k in SINGLE)])
 def test_lowbit_variants_compose_and_say_which_pieces_they_use(variant, compose_cfg):
     from qdiff.report.rows import config_fields
 
     assert sorted(p.stem for p in (CONF / "lowbit").glob("*.yaml")) == sorted(
-        [*LOWBIT_TAGS, *(f"linear_{k}" for k in LOWBIT_TAGS if k not in ("linear", "qdiff"))])   # every file is tested
+        [*LOWBIT_TAGS, *(f"linear_{k}" for k in SINGLE)])   # every file is tested
     tags = LOWBIT_TAGS[variant.removeprefix("linear_")]
     cfg = compose_cfg("experiment=lowbit_digits", f"+lowbit={variant}")
     spec = build_spec(cfg)
