@@ -4,7 +4,8 @@
 
 Scales are per output channel (``channel_axis=0``, weights), per output channel and group of ``group_size``
 input channels (``group_size > 0``, group-wise weights), per tensor (``channel_axis=None``, activations) or per
-token, computed from each token's own range at run time (:class:`DynamicTokenQuantizer`). Rounding uses a straight-through estimator, so gradients reach the input and, when the
+token, computed from each token's own range at run time (:class:`DynamicTokenQuantizer`). Rounding uses a
+straight-through estimator, so gradients reach the input and, when the
 scale is learnable (LSQ, Esser et al. 2020), the step size.
 """
 from __future__ import annotations
