@@ -150,7 +150,8 @@ def test_cli_non_checkpoint_source_is_one_line(tmp_path, cli):
 
 
 LOWBIT_TAGS = {"linear": [], "qdiff": [], "smooth": ["smooth0.5"], "lowrank": ["lr8"], "timegroups": ["tg4"],
-               "groupwise": ["wg16"], "dynamic": ["dyn"], "smooth_lowrank": ["smooth0.5", "lr8"]}
+               "groupwise": ["wg16"], "dynamic": ["dyn"], "smooth_lowrank": ["smooth0.5", "lr8"],
+               "smooth_lowrank_dynamic": ["smooth0.5", "lr8", "dyn"]}
 SINGLE = [k for k in LOWBIT_TAGS if len(LOWBIT_TAGS[k]) == 1]   # round-to-nearest + each method alone: linear_<name>
 
 
