@@ -93,8 +93,8 @@ def build_spec(cfg) -> RunSpec:
 
         refused = refused_settings(quant)
         if refused:
-            raise ConfigError(f"deploy.backend=int8 cannot run {refused[0]}; use deploy.backend=simulated (checked before "
-                              "any work)")
+            raise ConfigError(f"deploy.backend=int8 cannot run {refused[0]}; turn it off or use deploy.backend=simulated "
+                              "(checked before any work)")
     return RunSpec(
         model=model,
         sampler=sampler,

@@ -169,12 +169,18 @@ def test_lowbit_variants_compose_and_say_which_pieces_they_use(variant, compose_
 
 
 def test_w4a4_default_transforms_belong_to_qdiff_only(compose_cfg):
-    """quant=w4a4's default combination applies to the qdiff method; quant.method=linear stays the plain baseline."""
+    """quant=w4a4's default combination applies to the qdiff method; quant.method=linear stays the plain baseline;
+    the int8 backend refuses the default's dynamic step sizes before any work and takes it without them."""
     q = build_spec(compose_cfg("quant=w4a4")).quant
     lin = build_spec(compose_cfg("quant=w4a4", "quant.method=linear")).quant
-    assert q.method == "qdiff" and q.transforms and lin.method == "linear" and lin.transforms == []
+    assert q.method == "qdiff" and q.transforms == ["smooth0.5", "lr8", "dyn"]
+    assert lin.method == "linear" and lin.transforms == [] and lin.act_dynamic is False
     assert build_spec(compose_cfg("quant=w4a4", "quant.smooth=null", "quant.lowrank=0",
-                                  "quant.act_time_groups=1")).quant.transforms == []
+                                  "quant.act_dynamic=false")).quant.transforms == []
+    with pytest.raises(ConfigError, match=r"per-token dynamic activation scales \(quant.act_dynamic=true\); turn it off"):
+        build_spec(compose_cfg("quant=w4a4", "deploy=int8"))
+    assert build_spec(compose_cfg("quant=w4a4", "deploy=int8", "quant.act_dynamic=false")).quant.transforms == [
+        "smooth0.5", "lr8"]
 
 
 def test_the_old_run_module_name_still_works_with_a_deprecation_warning():

@@ -128,6 +128,7 @@ class QuantConfig:
         # a quant/ file's method-dependent default (``qdiff_for``) gives None for the other methods: off
         self.lowrank = 0 if self.lowrank is None else self.lowrank
         self.act_time_groups = 1 if self.act_time_groups is None else self.act_time_groups
+        self.act_dynamic = False if self.act_dynamic is None else self.act_dynamic
         if self.smooth is not None and (isinstance(self.smooth, bool) or not isinstance(self.smooth, (int, float))
                                         or not 0 < self.smooth <= 1):
             raise ConfigError(f"quant.smooth must be null (off) or the migration strength alpha in (0, 1], got {self.smooth!r}")
