@@ -1,8 +1,9 @@
-"""The low-rank branch's cost on the digits UNet's convolutions: its rank-r up projection as a 1x1 conv against the
-same product as one batched matmul (what ``qdiff.quant.layers.lowrank_branch`` runs), beside the layer's own conv and
-the branch's k x k down conv, for every distinct conv shape of the model at the sampling batch size.
+"""The low-rank branch's cost on the digits UNet's convolutions: the branch as qdiff runs it
+(``qdiff.quant.layers.lowrank_branch``: the k x k down conv, then the rank-r up projection as one batched matmul)
+against the same branch with the up projection as a 1x1 conv, beside the layer's own conv, for every distinct conv
+shape of the model at the sampling batch size.
 
-Interleaved rounds, rotating order, medians (``qdiff.runtime.interleaved_ms``); the two up projections are checked to
+Interleaved rounds, rotating order, medians (``qdiff.runtime.interleaved_ms``); the two branches are checked to
 agree within float rounding. Meaningful only on a quiet machine. Prints a table, writes JSON.
 
     python experiments/benchmarks/bench_lowrank.py [--batch 256] [--rank 8] [--rounds 15] [--threads 2]
@@ -45,6 +46,7 @@ def main() -> None:
     args = p.parse_args()
     from qdiff.models import load_model
     from qdiff.models.config import ModelConfig
+    from qdiff.quant.layers import lowrank_branch
 
     torch.set_num_threads(args.threads)
     model = load_model(ModelConfig(name="digits"))
@@ -59,24 +61,23 @@ def main() -> None:
         down = torch.randn(args.rank, *ws[1:], generator=g)
         up = torch.randn(ws[0], args.rank, generator=g)
         ck = {"stride": kw["stride"], "padding": kw["padding"]}
-        h = F.conv2d(a, down, **ck)
-        calls = {"layer conv": lambda: F.conv2d(a, w, **ck), "down conv": lambda: F.conv2d(a, down, **ck),
-                 "up 1x1 conv": lambda: F.conv2d(h, up[:, :, None, None]),
-                 "up matmul": lambda: torch.matmul(up, h.flatten(2)).view(h.shape[0], up.shape[0], *h.shape[2:])}
+        calls = {"layer conv": lambda: F.conv2d(a, w, **ck),
+                 "branch, up as 1x1 conv": lambda: F.conv2d(F.conv2d(a, down, **ck), up[:, :, None, None]),
+                 "branch (qdiff)": lambda: lowrank_branch(a, down, up, F.conv2d, ck, linear=False)}
         with torch.no_grad():
-            err = (calls["up 1x1 conv"]() - calls["up matmul"]()).abs().max().item()
+            err = (calls["branch, up as 1x1 conv"]() - calls["branch (qdiff)"]()).abs().max().item()
             ms = medians(interleaved_ms(calls, args.rounds))
         rows.append({"input": "x".join(map(str, xs)), "weight": "x".join(map(str, ws)), "calls": kw["calls"],
                      **{f"{k} ms": v for k, v in ms.items()},
-                     "conv/matmul": round(ms["up 1x1 conv"] / ms["up matmul"], 2), "max |diff|": err})
-    total = {k: sum(r[f"{k} ms"] * r["calls"] for r in rows) for k in ("layer conv", "down conv", "up 1x1 conv", "up matmul")}
-    cols = ["input", "weight", "calls", "layer conv ms", "down conv ms", "up 1x1 conv ms", "up matmul ms", "conv/matmul",
-            "max |diff|"]
+                     "1x1 conv / qdiff": round(ms["branch, up as 1x1 conv"] / ms["branch (qdiff)"], 2), "max |diff|": err})
+    names = list(calls)
+    total = {k: sum(r[f"{k} ms"] * r["calls"] for r in rows) for k in names}
+    cols = ["input", "weight", "calls", *(f"{k} ms" for k in names), "1x1 conv / qdiff", "max |diff|"]
     print_table(rows, cols, f"rank-{args.rank} branch on the digits UNet's convs, batch {args.batch}, {args.threads} thread(s), "
                             f"medians of {args.rounds} interleaved rounds; {platform.processor() or platform.machine()}")
     print("one forward, summed over calls (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in total.items()))
     write_json(args.out, {"batch": args.batch, "rank": args.rank, "threads": args.threads, "rounds": args.rounds,
-                                "torch": torch.__version__, "rows": rows, "per_forward_ms": total})
+                          "torch": torch.__version__, "rows": rows, "per_forward_ms": total})
 
 
 if __name__ == "__main__":

@@ -51,8 +51,8 @@ def smooth_input(x: torch.Tensor, smooth: torch.Tensor, linear: bool) -> torch.T
 def lowrank_branch(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, fn: Callable, kw: dict, linear: bool) -> torch.Tensor:
     """``x`` through a rank-r weight ``up @ down``: the layer's op with ``down`` (r outputs), then ``up``.
 
-    A conv's ``up`` is a 1x1 projection over r channels, run as one batched matmul: oneDNN's 1x1 conv with 8 input
-    channels took 3.6-5.5x the matmul's time on the digits UNet's shapes (experiments/benchmarks/bench_lowrank.py)."""
+    A conv's ``up`` is a 1x1 projection over r channels, run as one batched matmul: with a 1x1 conv instead the
+    digits UNet's branches took 1.04-2.2x as long, 1.37x summed over a forward (experiments/benchmarks/bench_lowrank.py)."""
     if linear:
         return F.linear(F.linear(x, down), up)
     h = fn(x, down, None, **kw)
