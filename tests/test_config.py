@@ -175,6 +175,10 @@ def test_w4a4_default_transforms_belong_to_qdiff_only(compose_cfg):
     lin = build_spec(compose_cfg("quant=w4a4", "quant.method=linear")).quant
     assert q.method == "qdiff" and q.transforms == ["smooth0.5", "lr8", "dyn"]
     assert lin.method == "linear" and lin.transforms == [] and lin.act_dynamic is False
+    # the figure's linear panel is that same baseline row, not round-to-nearest with the run's transforms
+    from qdiff.stages.sample import linear_baseline
+
+    assert linear_baseline(q) == lin
     assert build_spec(compose_cfg("quant=w4a4", "quant.smooth=null", "quant.lowrank=0",
                                   "quant.act_dynamic=false")).quant.transforms == []
     with pytest.raises(ConfigError, match=r"per-token dynamic activation scales \(quant.act_dynamic=true\); turn it off"):

@@ -97,12 +97,19 @@ def fp_reference(model: DiffusionModel, spec, prompts: list[str] | None) -> tupl
     return images.float() / 127.5 - 1, False
 
 
+def linear_baseline(quant):
+    """The round-to-nearest baseline of a quantization config: same bits, layers and splits, none of the transforms."""
+    return replace(quant, method="linear", scale_method=None, smooth=None, lowrank=0, act_time_groups=1,
+                   weight_group_size=0, act_dynamic=False)
+
+
 def linear_samples(model: DiffusionModel, spec, prompts: list[str] | None, calib, k: int) -> torch.Tensor:
-    """The first ``k`` samples of the run's noise from the round-to-nearest baseline at the same bits."""
+    """The first ``k`` samples of the run's noise from the round-to-nearest baseline at the same bits: plain
+    round-to-nearest, without the run's transforms (smoothing, low-rank branch, time groups, group-wise or dynamic
+    scales), as the ``quant.method=linear`` row of the same bits."""
     import qdiff
 
-    lin = qdiff.quantize(model.unet, replace(spec.quant, method="linear", scale_method=None), calib, spec.recon,
-                         device=spec.device, progress=False)
+    lin = qdiff.quantize(model.unet, linear_baseline(spec.quant), calib, spec.recon, device=spec.device, progress=False)
     noise = initial_noise(model.sample_shape, spec.eval.n_samples, spec.seed)
     return generate(model, lin, spec.sampler, k, spec.seed, spec.device, prompts, desc="sampling linear (figure)",
                     noise=noise)
