@@ -307,6 +307,37 @@ def test_report_on_one_sampling_seed_summarises_it_and_tells_runs_apart_by_recon
     assert "Recon precision" in (tmp_path / "report.md").read_text()
 
 
+def test_report_pairs_each_run_with_the_linear_run_of_its_own_first_last_bits(tmp_path):
+    """quant.first_last_bits=null,8 in one sweep: two linear baselines (8-bit first/last layers make linear much
+    better); each qdiff run's share is against the linear run of the same setting, and the table says which is which
+    (before, the setting was not an axis: the two linear FIDs were averaged and no interval was paired)."""
+    from omegaconf import OmegaConf
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    from qdiff.eval.fidelity import recovered_share
+    from qdiff.report import build_report
+
+    g = torch.Generator().manual_seed(0)
+    real = fid_features_to_statistics(torch.randn(300, 8, generator=g, dtype=torch.float64).float())
+    noise = torch.randn(150, 8, generator=g)
+    fp = noise + 0.05 * torch.randn(150, 8, generator=g)
+    expected = {}
+    for fl, lin_k, q_k in ((None, 1.6, 1.1), (8, 1.3, 1.05)):
+        lin, q = noise * lin_k + 0.2, noise * q_k
+        for name, method, x in (("linear", "linear", lin), ("qdiff", "qdiff", q)):
+            d = tmp_path / f"{name}_fl{fl}"
+            _fake_run(d, method, 0, x, fp, real, recon_seed=0 if method == "qdiff" else None)
+            (d / ".hydra").mkdir()
+            OmegaConf.save(OmegaConf.create({"quant": {"method": method, "first_last_bits": fl}}), d / ".hydra" / "config.yaml")
+        expected["—" if fl is None else 8] = recovered_share(q, lin, fp, real, 200, 0)
+    rep = build_report(tmp_path, use_sacct=False, figures=False)
+    s = rep.per_recon.set_index("first_last_bits")
+    assert sorted(map(str, s.index)) == ["8", "—"]
+    for fl, e in expected.items():
+        assert s.loc[fl, "recovered"] == e["recovered"] and s.loc[fl, "lowest_ci95"] == e["recovered_ci95"][0]
+    assert "First/last bits" in (tmp_path / "report.md").read_text()
+
+
 def test_report_rows_carry_the_interval_kid_precision_recall_and_paired_error():
     from qdiff.report.rows import metric_fields
 

@@ -48,6 +48,7 @@ def paired_share(method_dir: str, linear_dir: str, n_boot: int = N_BOOT) -> dict
     """:func:`recovered_share` of a run against its linear baseline from their saved features, or None when
     either lacks them or they are not paired (different sizes, or a different real set)."""
     import numpy as np
+    from threadpoolctl import threadpool_limits
 
     from qdiff.eval.fidelity import recovered_share
 
@@ -56,7 +57,11 @@ def paired_share(method_dir: str, linear_dir: str, n_boot: int = N_BOOT) -> dict
         return None
     if not (np.array_equal(m["real"]["mu"], lin["real"]["mu"]) and np.array_equal(m["real"]["sigma"], lin["real"]["sigma"])):
         return None
-    return recovered_share(m["samples"], lin["samples"], m["fp"], m["real"], n_boot, BOOT_SEED)
+    # One BLAS thread: 3 x 201 FIDs of small (digits: 128 x 128) matrices gain nothing from threads, and a threaded
+    # OpenBLAS spin-waits when the cores are busy: beside a 2-thread run on 2 cores, a 12-run report took > 10 min
+    # with 2 BLAS threads (stopped) and 45 s with one (AMD EPYC Zen 4).
+    with threadpool_limits(limits=1, user_api="blas"):
+        return recovered_share(m["samples"], lin["samples"], m["fp"], m["real"], n_boot, BOOT_SEED)
 
 
 def per_reconstruction(table: pd.DataFrame, axes: list[str]) -> pd.DataFrame:

@@ -10,6 +10,9 @@ from qdiff.quant.config import transform_tags
 from qdiff.resolvers import register_resolvers
 from qdiff.runstatus import RunStatus, read_metrics, read_status
 
+#: Quant settings that give some layers other bits than the rest (a report tells runs apart by them).
+LAYER_BIT_AXES = ("first_last_bits", "cond_bits", "attn_bits")
+
 register_resolvers()  # saved job configs keep conf/quant's qdiff_for interpolations
 
 
@@ -35,6 +38,8 @@ def config_fields(cfg: DictConfig | None) -> dict:
         "n_samples": _sel(cfg, "eval.n_samples"), "seed": _sel(cfg, "seed"),
         "recon_seed": _sel(cfg, "recon.seed") if method == "qdiff" else None,
         "recon_precision": _sel(cfg, "recon.precision") if method == "qdiff" else None,
+        # per-layer bit exceptions: "—" when a run has none, so that a sweep over {none, 8} shows (and pairs) both
+        **{k: "—" if fp or _sel(cfg, f"quant.{k}") is None else _sel(cfg, f"quant.{k}") for k in LAYER_BIT_AXES},
         # as metrics.json writes it ('' = the paper's method), for jobs that have none yet
         "transforms": "" if fp else "+".join(transform_tags(_sel(cfg, "quant.smooth"), _sel(cfg, "quant.lowrank"),
                                                             _sel(cfg, "quant.act_time_groups"), _sel(cfg, "quant.act_bits"),

@@ -15,9 +15,10 @@ METHOD_ORDER = {"fp": 0, "linear": 1, "qdiff": 2}
 CONTEXT = ["model", "sampler", "steps", "n_samples", "seed"]
 # Settings an ablation may vary; a column appears in the table only when it takes more than one value.
 AXES = ["model", "sampler", "steps", "n_samples", "seed", "calib_mode", "calib_c", "calib_n", "split", "transforms",
-        "recon_seed", "input_source", "recon_precision"]
+        "first_last_bits", "cond_bits", "attn_bits", "recon_seed", "input_source", "recon_precision"]
 AXIS_NAMES = {"model": "Model", "sampler": "Sampler", "steps": "Steps", "n_samples": "Samples", "seed": "Seed",
-              "calib_mode": "Calibration", "calib_c": "c", "calib_n": "n", "split": "Split", "transforms": "Transforms", "recon_seed": "Recon seed",
+              "calib_mode": "Calibration", "calib_c": "c", "calib_n": "n", "split": "Split", "transforms": "Transforms",
+              "first_last_bits": "First/last bits", "cond_bits": "Cond bits", "attn_bits": "Attn bits", "recon_seed": "Recon seed",
               "input_source": "Recon inputs", "recon_precision": "Recon precision"}
 #: Axes of the reconstruction only: a linear baseline has none, so a method's row is compared with linear across them.
 RECON_AXES = ["recon_seed", "input_source", "recon_precision"]
