@@ -106,7 +106,8 @@ def tiny_clip(tmp_path_factory) -> Path:
 
 # --- end to end ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", list(ARCH))
+# sd14 (CLIP text encoder, CLIP score, cross-attention blocks) takes ~3x the others: slow
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "sd14" else n for n in ARCH])
 def test_paper_model_quantizes_and_samples_end_to_end(name, compose_cfg, tiny_clip):
     extra = [f"eval.clip_model={tiny_clip}"] if name in TEXT else []
     cfg = compose_cfg(*_model_overrides(name), *SMALL, "quant=w4a8", *extra)
