@@ -32,6 +32,7 @@ from qdiff.recon.parallel import STEP_MS, split
 def unit_costs(m: dict, capture_batch: int = 32) -> list[dict]:
     """Seconds of each unit's pieces under the paper's budget, from the measurement ``m``."""
     paper, fwd = m["paper_budget"], m["unit_fwd_ms"]
+    step_fwd = m.get("unit_step_fwd_ms", fwd)   # the forwards the step model was fitted on (bf16 for bf16-mixed steps)
     a, b, lsq_ratio = m["step_model_ms"]["a"], m["step_model_ms"]["b"], m["step_model_ms"]["lsq_over_adaround"]
     fp_total, q_total = m["fwd_ms_batch32"]["fp"], m["fwd_ms_batch32"]["fake_quant_w4a8"]
     scale = fp_total / sum(fwd.values())  # unit forwards miss the glue between units
@@ -39,7 +40,7 @@ def unit_costs(m: dict, capture_batch: int = 32) -> list[dict]:
     rows, prefix = [], 0.0
     for name, f in fwd.items():  # execution order
         prefix += f
-        step_ms = a + b * f
+        step_ms = a + b * step_fwd[name]
         rows.append({
             "unit": name, "fwd_ms": f,
             "adaround_s": step_ms * paper["weight_iters"] / 1e3,
@@ -99,9 +100,11 @@ def main() -> None:
     for mode in ("fp_then_quantized", "fp"):
         rows += [schedule(m, k, mode) for k in args.workers]
     table = print_table(rows, ["mode", "K", "calib_h", "adaround_phase_h", "lsq_phase_h", "makespan_h", "gpu_hours", "largest_unit_h", "bound"],
-                        f"SD v1.4 W4A8, paper budget, {m['units']} units, per-unit costs measured on {m['device']} "
+                        f"SD v1.4 W4A8, paper budget, {m['units']} units, steps in {m.get('precision', '32-true')}, "
+                        f"per-unit costs measured on {m['device']} "
                         f"({args.measurement.name}); hours")
-    write_json(args.out, {"measurement": str(args.measurement.relative_to(ROOT)), "rows": rows, "table": table,
+    source = args.measurement.resolve()
+    write_json(args.out, {"measurement": str(source.relative_to(ROOT) if source.is_relative_to(ROOT) else source), "rows": rows, "table": table,
                           "units": unit_costs(m)})
 
 

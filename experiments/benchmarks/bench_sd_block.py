@@ -14,9 +14,14 @@ through qdiff's own reconstruction steps (the ones ``python run.py`` runs):
    N inputs, and generating the calibration set itself: 256 trajectories x 50 steps x 2 guidance branches):
    per-unit step time = a + b * (unit forward time), a and b fitted on the block and the layer.
 
+``--precision bf16-mixed`` times the optimisation steps (block and layer) in bf16-mixed and fits the step model on
+the units' forward times under bf16 autocast; capture stays fp32 (as qdiff runs it), so its cost comes from the fp32
+forwards. ``experiments/benchmarks/bench_makespan.py --measurement <its JSON>`` schedules that on K GPUs.
+
 Prints a table and writes JSON. Needs a GPU for meaningful numbers (``--device cpu --small`` is a smoke run).
 
     python experiments/benchmarks/bench_sd_block.py [--device cuda] [--n 6400] [--weight-iters 300] [--act-iters 100] [--bf16]
+                                                    [--precision 32-true|bf16-mixed]
 """
 from __future__ import annotations
 
@@ -103,6 +108,8 @@ def main() -> None:
     ap.add_argument("--capture-batch", type=int, default=32)
     ap.add_argument("--unit", default=None, help="unit to reconstruct (default: the down-path block with the longest forward)")
     ap.add_argument("--bf16", action="store_true", help="also time the block in bf16-mixed")
+    ap.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"],
+                    help="precision of the timed optimisation steps and of the step model's unit forwards")
     ap.add_argument("--small", action="store_true", help="a tiny same-family UNet (CPU smoke run of this script)")
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "sd_block")
     args = ap.parse_args()
@@ -144,6 +151,10 @@ def main() -> None:
     xb, tb, cb = calib.get(np.arange(PAPER["batch_size"]), device)
     fwd, fp_total = unit_forward_ms(fp, [u.name for u in units], xb, tb, cb, device)
     _, q_total = unit_forward_ms(q, [], xb, tb, cb, device)
+    step_fwd = fwd                       # the forwards the step model is fitted on: the steps' precision
+    if args.precision == "bf16-mixed":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            step_fwd, _ = unit_forward_ms(fp, [u.name for u in units], xb, tb, cb, device)
     print(f"{len(units)} units; UNet forward at batch 32: FP {fp_total:.1f} ms, fake-quantized W4A8 {q_total:.1f} ms", flush=True)
 
     by_name = {u.name: u for u in units}
@@ -151,20 +162,20 @@ def main() -> None:
     down = [u for u in blocks if u.name.startswith("down_blocks.")] or blocks   # short prefix: capture stays cheap
     block = by_name[args.unit] if args.unit else max(down, key=lambda u: fwd.get(u.name, 0))
     layer = min((u for u in units if u.kind == "layer"), key=lambda u: fwd.get(u.name, 1e9))
-    rows = [run_unit(fp, q, calib, qcfg, block, args.n, args, "32-true", device, with_acts=True)]
-    rows.append(run_unit(fp, q, calib, qcfg, layer, min(args.n, 512), args, "32-true", device, with_acts=False))
+    rows = [run_unit(fp, q, calib, qcfg, block, args.n, args, args.precision, device, with_acts=True)]
+    rows.append(run_unit(fp, q, calib, qcfg, layer, min(args.n, 512), args, args.precision, device, with_acts=False))
     if args.bf16:
         q = fresh_q()
         rows.append(run_unit(fp, q, calib, qcfg, block, min(args.n, 1024), args, "bf16-mixed", device, with_acts=False))
     for r in rows:
-        r["fwd_ms"] = round(fwd[r["unit"]], 3)
+        r["fwd_ms"] = round(step_fwd[r["unit"]], 3)
 
-    # extrapolation: step time per unit = a + b * forward time (a, b from the block and the layer, fp32)
+    # extrapolation: step time per unit = a + b * forward time (a, b from the block and the layer, in --precision)
     (fb, wb), (fl, wl) = (rows[0]["fwd_ms"], rows[0]["weight_step_ms"]), (rows[1]["fwd_ms"], rows[1]["weight_step_ms"])
     b = (wb - wl) / max(fb - fl, 1e-9)
     a = wl - b * fl
     act_ratio = rows[0]["act_step_ms"] / wb
-    weight_ms = sum(a + b * fwd[u.name] for u in units)
+    weight_ms = sum(a + b * step_fwd[u.name] for u in units)
     # capture of unit u: N inputs through the FP and the quantized prefix up to u (both stop after u)
     cum, prefix = 0.0, {}
     for u in units:
@@ -184,20 +195,21 @@ def main() -> None:
     est["total_h"] = sum(est.values())
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "unet_params": n_params, "units": len(units),
+        "torch": torch.__version__, "precision": args.precision, "unet_params": n_params, "units": len(units),
         "n_blocks": sum(u.kind == "block" for u in units), "setup_seconds": setup_s,
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         "fwd_ms_batch32": {"fp": round(fp_total, 2), "fake_quant_w4a8": round(q_total, 2)},
         "unit_fwd_ms": {k: round(v, 3) for k, v in fwd.items()},
+        "unit_step_fwd_ms": {k: round(v, 3) for k, v in step_fwd.items()},
         "measured": rows, "step_model_ms": {"a": round(a, 3), "b": round(b, 3), "lsq_over_adaround": round(act_ratio, 3)},
         "block_capture_predicted_s": round(predicted_block_capture, 2),
         "paper_budget_estimate_gpu_hours": {k: round(v, 2) for k, v in est.items()},
         "published": PUBLISHED, "paper_budget": PAPER,
     }
     print_table(rows, ["unit", "precision", "N", "capture_s", "weight_step_ms", "act_step_ms", "fwd_ms", "peak_mem_gb", "hard"],
-                title=f"SD v1.4 UNet ({n_params / 1e6:.0f} M params, {len(units)} units) on {result['device']}")
+                title=f"SD v1.4 UNet ({n_params / 1e6:.0f} M params, {len(units)} units) on {result['device']}, steps in {args.precision}")
     print_table([{k: round(v, 2) for k, v in est.items()}], list(est),
-                title=f"paper budget extrapolated (GPU-hours); published Q-Diffusion W4A8 {PUBLISHED['model']}: "
+                title=f"paper budget extrapolated (GPU-hours, steps in {args.precision}); published Q-Diffusion W4A8 {PUBLISHED['model']}: "
                       f"{PUBLISHED['gpu_hours']} h, {PUBLISHED['memory_gb']} GB")
     write_json(args.out / "results.json", result)
 
