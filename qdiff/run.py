@@ -22,7 +22,7 @@ def run(cfg, tracker: NullTracker | None = None) -> tuple[dict, dict]:
     from qdiff.deploy.stage import deploy
     from qdiff.report.run import run_metrics, write_run
     from qdiff.runstatus import refuse_finished
-    from qdiff.runtime import Stages, seed_everything, tune_allocator
+    from qdiff.runtime import Stages, deterministic_kernels, seed_everything, tune_allocator
     from qdiff.stages.evaluate import evaluate
     from qdiff.stages.sample import sample
 
@@ -33,6 +33,8 @@ def run(cfg, tracker: NullTracker | None = None) -> tuple[dict, dict]:
     pre = check_inputs(spec)
     spec.output_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(spec.seed)
+    if spec.deterministic:
+        deterministic_kernels()
     st, extra, calib = Stages(spec.device), {}, None
 
     with st("load"):

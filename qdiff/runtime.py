@@ -50,6 +50,18 @@ def tune_allocator() -> bool:
     return _done
 
 
+def deterministic_kernels(on: bool = True) -> None:
+    """Deterministic GPU kernels: the same inputs give the same bits on every call. On a GPU some default kernels
+    are not (found on an H200: cuDNN's ConvTranspose2d forward changed in the last bit between two identical calls, so
+    a model and its re-loaded artifact differed); CPU kernels already are. Costs some GPU speed; ops with no
+    deterministic kernel warn instead of failing."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS needs it before its first call
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(on, warn_only=True)
+
+
 def seed_everything(seed: int) -> None:
     import random
 

@@ -37,6 +37,7 @@ class RunSpec:
     output_dir: Path
     cache_dir: Path
     task_name: str
+    deterministic: bool = False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,6 +80,9 @@ def build_spec(cfg) -> RunSpec:
     seed = c.get("seed", 0)
     if not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    deterministic = c.get("deterministic", False)
+    if not isinstance(deterministic, bool):
+        raise ConfigError(f"deterministic must be true or false, got {deterministic!r}")
     paths = c.get("paths") or {}
     if "output_dir" not in paths:
         raise ConfigError("paths.output_dir is not set")
@@ -108,6 +112,7 @@ def build_spec(cfg) -> RunSpec:
         output_dir=Path(paths["output_dir"]),
         cache_dir=Path(paths.get("cache_dir") or Path(paths["output_dir"]) / "cache"),
         task_name=str(c.get("task_name", "qdiff")),
+        deterministic=deterministic,
     )
 
 

@@ -23,3 +23,25 @@ def _run(env_value: str | None) -> str:
 def test_allocator_tuning_applies_once_and_can_be_switched_off():
     assert _run(None) == "True True"
     assert _run("0") == "False False"
+
+
+def test_deterministic_switch_composes_sets_the_kernel_flags_and_refuses_a_non_bool(compose_cfg):
+    import torch
+
+    from qdiff.errors import ConfigError
+    from qdiff.runtime import deterministic_kernels
+    from qdiff.spec import build_spec
+
+    assert build_spec(compose_cfg()).deterministic is False
+    assert build_spec(compose_cfg("deterministic=true")).deterministic is True
+    with pytest.raises(ConfigError, match="deterministic must be true or false"):
+        build_spec(compose_cfg("deterministic=sometimes"))
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)
+    try:
+        deterministic_kernels()
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"]
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic = before[1]
