@@ -197,3 +197,16 @@ def test_the_old_run_module_name_still_works_with_a_deprecation_warning():
     from qdiff.run import run
 
     assert old.run is run
+
+
+@pytest.mark.parametrize("overrides, iters", [
+    (["quant=w4a4"], 500),                                   # W4A4's default method: its own measured budget
+    (["quant=w4a4", "quant.method=linear"], 1000),
+    (["quant=w4a4", "quant.act_dynamic=false"], 1000),
+    (["quant=w4a8"], 1000),
+    (["quant=w4a8", "+lowbit=smooth_lowrank_dynamic"], 1000),
+    (["experiment=lowbit_digits"], 1000),                    # the budget its tables were measured with
+    (["model=sd14", "quant=w4a4", "model.random_init=true"], 20000),   # recon=default: the paper's budget
+])
+def test_the_cpu_budget_gives_w4a4_dynamic_500_adaround_iterations_and_nothing_else(overrides, iters, compose_cfg):
+    assert build_spec(compose_cfg(*overrides)).recon.weight_iters == iters
