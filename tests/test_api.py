@@ -15,7 +15,7 @@ import qdiff
 from qdiff.errors import CheckpointError, ConfigError
 from qdiff.quant import QuantConfig, QuantLayer
 from qdiff.recon import ReconConfig
-from tiny_unet import TinyUNet
+from tiny_unet import TinyUNet, ddim
 
 W4A8 = QuantConfig(method="qdiff", weight_bits=4, act_bits=8)
 SHORT = ReconConfig.preset("cpu", weight_iters=10, act_iters=2, batch_size=4)
@@ -26,12 +26,6 @@ PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
 def _one_thread(_cpu_threads):
     """One thread: these models are tiny, so a second one gains nothing and stalls when another job holds a core."""
     torch.set_num_threads(1)
-
-
-def _ddim():
-    import diffusers
-
-    return diffusers.DDIMScheduler(num_train_timesteps=1000)
 
 
 class CondEps(torch.nn.Module):
@@ -54,19 +48,19 @@ def test_calibration_data_for_a_plain_module_is_the_papers_set_cached_and_equal_
 
     torch.manual_seed(0)
     net = TinyUNet().eval()
-    calib = qdiff.calibration_data(net, _ddim(), (1, 16, 16), T=10, c=2, n=6, cache_dir=tmp_path, progress=False)
+    calib = qdiff.calibration_data(net, ddim(), (1, 16, 16), T=10, c=2, n=6, cache_dir=tmp_path, progress=False)
     assert len(calib) == 6 * 5 and calib.timesteps().tolist() == [100, 300, 500, 700, 900]
     assert calib.meta["sampler"]["name"] == "from_config" and calib.meta["scheduler_config"]["_class_name"] == "DDIMScheduler"
-    again = qdiff.calibration_data(net, _ddim(), (1, 16, 16), T=10, c=2, n=6, cache_dir=tmp_path, progress=False)
+    again = qdiff.calibration_data(net, ddim(), (1, 16, 16), T=10, c=2, n=6, cache_dir=tmp_path, progress=False)
     assert again.root == calib.root                                   # reused, not collected again
-    other = qdiff.calibration_data(net, _ddim(), (1, 16, 16), T=10, c=2, n=6, seed=7, cache_dir=tmp_path, progress=False)
+    other = qdiff.calibration_data(net, ddim(), (1, 16, 16), T=10, c=2, n=6, seed=7, cache_dir=tmp_path, progress=False)
     assert other.root != calib.root
     # the same sampler through the CLI's path (named "ddim" on the same training schedule) gives the same inputs
     model = DiffusionModel("tiny", net, {"num_train_timesteps": 1000}, (1, 16, 16))
     cli, _ = collect_calibration(model, SamplerConfig(steps=10), CalibConfig(T=10, c=2, n=6), tmp_path / "cli", progress=False)
     assert np.array_equal(np.asarray(cli.x), np.asarray(calib.x)) and np.array_equal(cli.t, calib.t)
     # no cache folder: a temporary one that lives as long as the set
-    tmp_set = qdiff.calibration_data(net, _ddim(), (1, 16, 16), T=4, c=2, n=2, progress=False)
+    tmp_set = qdiff.calibration_data(net, ddim(), (1, 16, 16), T=4, c=2, n=2, progress=False)
     root = tmp_set.root
     assert root.exists()
     del tmp_set
@@ -80,7 +74,7 @@ def test_conditioning_of_any_keys_with_the_unconditional_branch_is_stored_and_re
     torch.manual_seed(0)
     net = CondEps().eval()
     y = torch.randn(4, 6)
-    calib = qdiff.calibration_data(net, _ddim(), (1, 16, 16), T=4, c=2, n=4, cond={"y": y}, uncond={"y": torch.zeros(1, 6)},
+    calib = qdiff.calibration_data(net, ddim(), (1, 16, 16), T=4, c=2, n=4, cond={"y": y}, uncond={"y": torch.zeros(1, 6)},
                                    guidance_scale=3.0, cache_dir=tmp_path, progress=False)
     entries = calib.n_entries
     assert entries == 8 and len(calib) == 16 and calib.meta["guidance"] == 3.0
@@ -95,7 +89,7 @@ def test_conditioning_of_any_keys_with_the_unconditional_branch_is_stored_and_re
     for _ in traj:
         pass
     assert torch.allclose(calib.final_latents(net, 4), traj.x, atol=1e-6)
-    shifted = qdiff.calibration_data(net, _ddim(), (1, 16, 16), T=4, c=2, n=4, cond={"y": y + 1},
+    shifted = qdiff.calibration_data(net, ddim(), (1, 16, 16), T=4, c=2, n=4, cond={"y": y + 1},
                                      uncond={"y": torch.zeros(1, 6)}, guidance_scale=3.0, cache_dir=tmp_path, progress=False)
     assert shifted.root != calib.root                     # the conditioning is part of the key
 
@@ -113,7 +107,7 @@ def test_conditioning_of_any_keys_with_the_unconditional_branch_is_stored_and_re
     ({"scheduler": "ddim"}, "scheduler must be a diffusers scheduler"),
 ])
 def test_bad_calibration_settings_fail_in_one_line_before_sampling(kwargs, message, tmp_path):
-    args = {"model": TinyUNet().eval(), "scheduler": _ddim(), "sample_shape": (1, 16, 16), "T": 10, "c": 2, "n": 4,
+    args = {"model": TinyUNet().eval(), "scheduler": ddim(), "sample_shape": (1, 16, 16), "T": 10, "c": 2, "n": 4,
             "cache_dir": tmp_path, "progress": False, **kwargs}
     with pytest.raises(ConfigError, match=message) as e:
         qdiff.calibration_data(**args)
@@ -124,7 +118,7 @@ def test_bad_calibration_settings_fail_in_one_line_before_sampling(kwargs, messa
 def test_api_calibration_feeds_quantize_and_the_output_bias_match(tmp_path):
     torch.manual_seed(0)
     net = TinyUNet().eval()
-    calib = qdiff.calibration_data(net, _ddim(), (1, 16, 16), T=10, c=2, n=8, cache_dir=tmp_path, progress=False)
+    calib = qdiff.calibration_data(net, ddim(), (1, 16, 16), T=10, c=2, n=8, cache_dir=tmp_path, progress=False)
     recon = ReconConfig.preset("cpu", weight_iters=30, act_iters=5, batch_size=8, block_patterns=["down", "dec", "mid"],
                                probe_samples=8)
     q = qdiff.quantize(net, W4A8, calib, recon, work_dir=tmp_path / "w", progress=False)
@@ -147,7 +141,7 @@ def test_the_output_bias_match_removes_a_planted_offset():
     from tiny_unet import ConstantImageEps
 
     net = ConstantImageEps().eval()
-    calib = qdiff.calibration_data(net, _ddim(), (1, 16, 16), T=10, c=2, n=8, cache_dir=None, progress=False)
+    calib = qdiff.calibration_data(net, ddim(), (1, 16, 16), T=10, c=2, n=8, cache_dir=None, progress=False)
     q = qdiff.quantize(net, QuantConfig(method="linear", weight_bits=8, act_bits=32), calib, progress=False)
     q.out.bias.data += 0.2
     res = match_output_mean(q, "out", ProbeScore(lambda unet: calib.final_latents(unet, 8), net))
@@ -165,7 +159,7 @@ def test_the_whole_api_runs_on_a_gpu(tmp_path):
     were broken until run on an H200 (docs/measurements/)."""
     torch.manual_seed(0)
     net = TinyUNet().eval().cuda()
-    calib = qdiff.calibration_data(net, _ddim(), (1, 16, 16), T=10, c=2, n=8, cache_dir=tmp_path, progress=False)
+    calib = qdiff.calibration_data(net, ddim(), (1, 16, 16), T=10, c=2, n=8, cache_dir=tmp_path, progress=False)
     recon = ReconConfig.preset("cpu", weight_iters=30, act_iters=5, batch_size=8, block_patterns=["down", "dec", "mid"],
                                probe_samples=8)
     q = qdiff.quantize(net, W4A8, calib, recon, progress=False)

@@ -24,7 +24,7 @@ import qdiff
 from qdiff.errors import CheckpointError, ConfigError, DataError
 from qdiff.quant import QuantConfig
 from qdiff.recon import ReconConfig
-from tiny_unet import TinyUNet
+from tiny_unet import TinyUNet, ddim
 
 HERE = Path(__file__).parent
 W4A8 = QuantConfig(method="qdiff", weight_bits=4, act_bits=8)
@@ -36,12 +36,6 @@ RECON = ReconConfig.preset("cpu", weight_iters=20, act_iters=4, batch_size=8, bl
 @pytest.fixture(autouse=True)
 def _one_thread(_cpu_threads):
     torch.set_num_threads(1)
-
-
-def _ddim(**kw):
-    import diffusers
-
-    return diffusers.DDIMScheduler(num_train_timesteps=1000, **kw)
 
 
 def _tensors(n: int = 16, seed: int = 0):
@@ -58,7 +52,7 @@ def _one_line(e) -> str:
 def _calib(tmp_path, net=None, **kw):
     torch.manual_seed(0)
     net = net or TinyUNet().eval()
-    return net, qdiff.calibration_data(net, _ddim(), (1, 16, 16), T=10, c=2, n=8, cache_dir=tmp_path / "cache",
+    return net, qdiff.calibration_data(net, ddim(), (1, 16, 16), T=10, c=2, n=8, cache_dir=tmp_path / "cache",
                                        progress=False, **kw)
 
 
@@ -145,13 +139,13 @@ def test_a_model_that_returns_nan_at_one_timestep_is_named_and_leaves_no_partial
     torch.manual_seed(0)
     net = NaNAt(t_bad=700).eval()
     with pytest.raises(DataError) as e:
-        qdiff.calibration_data(net, _ddim(), (1, 16, 16), T=10, c=2, n=8, cache_dir=tmp_path, progress=False)
+        qdiff.calibration_data(net, ddim(), (1, 16, 16), T=10, c=2, n=8, cache_dir=tmp_path, progress=False)
     msg = _one_line(e)
     assert "the model's noise estimate of trajectory 0, step 3 of 10 (t=700) is non-finite" in msg, msg
     assert "the model returns nan for a finite input" in msg
     assert not any((tmp_path / "calib").glob("*/x.npy"))     # the partial set was removed
     net.t_bad = -1                                            # the fix: the same weights, a model that works
-    calib = qdiff.calibration_data(net, _ddim(), (1, 16, 16), T=10, c=2, n=8, cache_dir=tmp_path, progress=False)
+    calib = qdiff.calibration_data(net, ddim(), (1, 16, 16), T=10, c=2, n=8, cache_dir=tmp_path, progress=False)
     assert (calib.root / "COMPLETE").exists() and len(calib) == 40
 
 
@@ -168,7 +162,7 @@ class Explodes(nn.Module):
 
 def test_a_diverging_sampler_is_named_with_what_to_try(tmp_path):
     with pytest.raises(DataError) as e:
-        qdiff.calibration_data(Explodes(5000.0), _ddim(clip_sample=False), (1, 4, 4), T=20, c=4, n=4, cache_dir=tmp_path,
+        qdiff.calibration_data(Explodes(5000.0), ddim(clip_sample=False), (1, 4, 4), T=20, c=4, n=4, cache_dir=tmp_path,
                                progress=False)
     msg = _one_line(e)
     assert "calibration data:" in msg and "of trajectory 0, step" in msg and "of 20 (t=" in msg, msg
@@ -179,7 +173,7 @@ def test_a_diverging_sampler_is_named_with_what_to_try(tmp_path):
 
 def test_a_sampler_that_grows_without_overflowing_is_warned_about(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="qdiff"):
-        calib = qdiff.calibration_data(Explodes(50.0), _ddim(clip_sample=False), (1, 4, 4), T=20, c=4, n=4,
+        calib = qdiff.calibration_data(Explodes(50.0), ddim(clip_sample=False), (1, 4, 4), T=20, c=4, n=4,
                                        cache_dir=tmp_path, progress=False)
     assert any("|x_t| reached" in r.message and "far beyond" in r.message for r in caplog.records), caplog.text
     assert len(calib) == 20                                   # finite: kept, with the warning
@@ -197,7 +191,7 @@ def test_non_finite_conditioning_is_refused_before_sampling(tmp_path):
     y = torch.randn(4, 6)
     y[2, 0] = float("nan")
     with pytest.raises(DataError, match=r"conditioning 'y' of trajectory 2 holds nan; refused before sampling"):
-        qdiff.calibration_data(CondEps().eval(), _ddim(), (1, 16, 16), T=4, c=2, n=4, cond={"y": y},
+        qdiff.calibration_data(CondEps().eval(), ddim(), (1, 16, 16), T=4, c=2, n=4, cond={"y": y},
                                cache_dir=tmp_path, progress=False)
     assert not any((tmp_path / "calib").glob("*/x.npy"))
 

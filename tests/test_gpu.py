@@ -12,7 +12,7 @@ import qdiff
 from qdiff.quant import QuantConfig, QuantLayer, quant_layers
 from qdiff.recon import ReconConfig
 from qdiff.testing import CALL_KWARGS, tiny_pipeline
-from tiny_unet import TinyUNet
+from tiny_unet import TinyUNet, ddim
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -41,12 +41,6 @@ def _deterministic_kernels():
     deterministic_kernels(False)
 
 
-def _ddim():
-    import diffusers
-
-    return diffusers.DDIMScheduler(num_train_timesteps=1000)
-
-
 def _on_gpu(module: torch.nn.Module) -> set[str]:
     return {t.device.type for t in [*module.parameters(), *module.buffers()]}
 
@@ -55,7 +49,7 @@ def _on_gpu(module: torch.nn.Module) -> set[str]:
 def test_every_lowbit_method_reconstructs_exports_and_loads_on_the_gpu(name, tmp_path):
     torch.manual_seed(0)
     net = TinyUNet().eval().cuda()
-    calib = qdiff.calibration_data(net, _ddim(), (1, 16, 16), T=10, c=2, n=8, cache_dir=None, progress=False)
+    calib = qdiff.calibration_data(net, ddim(), (1, 16, 16), T=10, c=2, n=8, cache_dir=None, progress=False)
     cfg = QuantConfig(method="qdiff", weight_bits=4, act_bits=4, **METHODS[name])
     q = qdiff.quantize(net, cfg, calib, SHORT, progress=False)
     assert _on_gpu(q) == {"cuda"}

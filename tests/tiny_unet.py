@@ -1,4 +1,5 @@
-"""A plain nn.Module noise predictor (no diffusers): LayerNorm, ConvTranspose2d, Sequential blocks, a skip concat."""
+"""A plain nn.Module noise predictor (no diffusers): LayerNorm, ConvTranspose2d, Sequential blocks, a skip concat;
+and the DDIM scheduler the tests sample it with."""
 from __future__ import annotations
 
 import math
@@ -84,3 +85,10 @@ class ConstantImageEps(nn.Module):
     def forward(self, x, t):
         a = self.alphas_cumprod[t.long()].view(-1, 1, 1, 1)
         return self.out((x - a.sqrt() * self.level) / (1 - a).sqrt())
+
+
+def ddim(**kw):
+    """diffusers' DDIM scheduler on the 1000-step training schedule (``kw``: its other settings)."""
+    import diffusers
+
+    return diffusers.DDIMScheduler(num_train_timesteps=1000, **kw)
